@@ -1,0 +1,277 @@
+"""The `pipeline` command. Every option also reads PIPELINE_<NAME> from the environment."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+import psycopg
+
+from pipeline import embedded
+
+RET_OK = 0
+RET_ERROR = 1
+RET_USAGE = 2
+RET_DATABASE = 3
+RET_SOURCE = 4
+
+log = logging.getLogger("pipeline")
+_KNOWN_ENV: set[str] = {"PIPELINE_DATA_DIR"}
+
+
+def opt(*decls: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A click option whose environment variable is PIPELINE_ plus its long name."""
+    long = next(d for d in decls if d.startswith("--")).split("/")[0]
+    env = "PIPELINE_" + long[2:].upper().replace("-", "_")
+    _KNOWN_ENV.add(env)
+    return click.option(*decls, envvar=env, show_envvar=True, **kwargs)
+
+
+def fail(message: str, code: int) -> None:
+    """One clear line for a user's mistake, and a non-zero exit."""
+    click.echo(f"pipeline: {message}", err=True)
+    sys.exit(code)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else type(exc).__name__
+
+
+def database_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = opt("--data-dir", default=embedded.DEFAULT_DATA_DIR, show_default=True,
+            type=click.Path(file_okay=False),
+            help="Where the embedded PostgreSQL keeps its files (used when no --dsn).")(f)
+    f = opt("--dsn", default=None, metavar="DSN",
+            help="PostgreSQL connection string. Absent: an embedded server in --data-dir.")(f)
+    return f
+
+
+def identity_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = opt("--allow-private-addresses", is_flag=True, default=False,
+            help="Let identity lookups reach private, loopback and link-local addresses "
+                 "(tests and private networks only).")(f)
+    f = opt("--dns-server", default=None, metavar="HOST[:PORT]",
+            help="DNS server for handle verification. Default: the system's resolvers.")(f)
+    f = opt("--plc-url", default="https://plc.directory", show_default=True,
+            help="PLC directory that resolves did:plc.")(f)
+    f = opt("--resolve-timeout", type=click.FloatRange(min=0.01), default=5.0, show_default=True,
+            metavar="SECONDS",
+            help="Longest an event waits for its new author's resolution before the user is "
+                 "written with the DID as handle and marked incomplete.")(f)
+    f = opt("--max-user-creations", type=click.IntRange(min=1), default=100, show_default=True,
+            help="Most resolutions of new users at once, across all shards.")(f)
+    return f
+
+
+def common_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = opt("--log-level", default="INFO", show_default=True,
+            type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))(f)
+    return f
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("psycopg").setLevel(max(logging.WARNING, logging.getLogger().level))
+    unknown = sorted(k for k in os.environ if k.startswith("PIPELINE_") and k not in _KNOWN_ENV)
+    for name in unknown:
+        log.warning("unknown environment variable %s is ignored", name)
+
+
+def resolve_dsn(dsn: str | None, data_dir: str) -> str:
+    """The DSN given, or that of the embedded server, started on demand."""
+    if dsn:
+        return dsn
+    try:
+        uri = embedded.start(data_dir)
+    except embedded.EmbeddedError as exc:
+        fail(str(exc), RET_DATABASE)
+    click.echo(f"pipeline: using the embedded PostgreSQL in {os.path.abspath(data_dir)}", err=True)
+    return uri
+
+
+def open_database(dsn: str, application_name: str = "pipeline") -> psycopg.Connection:
+    """Connects and applies migrations; an unreachable server is one line and exit 3."""
+    from shards.store import migrations
+    from shards.store.pool import connect
+
+    try:
+        conn = connect(dsn, application_name, connect_timeout=10)
+    except psycopg.Error as exc:
+        fail(f"cannot connect to the database: {_short(exc)}", RET_DATABASE)
+    migrations.upgrade(conn)
+    return conn
+
+
+def identity_config(plc_url: str, dns_server: str | None, allow_private_addresses: bool,
+                    resolve_timeout: float) -> Any:
+    """HTTP waits outlast the resolve timeout, so a late answer still reaches the refresher."""
+    from shards.identity import IdentityConfig
+
+    try:
+        return IdentityConfig(plc_url=plc_url.rstrip("/"), dns_server=dns_server,
+                              allow_private_addresses=allow_private_addresses,
+                              read_timeout=max(5.0, 1.5 * resolve_timeout),
+                              total_timeout=max(10.0, 2 * resolve_timeout))
+    except ValueError as exc:
+        fail(str(exc), RET_USAGE)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def main() -> None:
+    """Ingest AT Protocol (Bluesky) events into PostgreSQL, sharded by DID.
+
+    \b
+    Quick start (embedded PostgreSQL in ./.pipeline-data):
+      pipeline run --replay tools/samples/sample.jsonl
+    """
+
+
+@main.command()
+@opt("--replay", metavar="PATH", help="Replay a Jetstream JSON-lines file (.jsonl, .jsonl.gz, - for stdin).")
+@opt("--jetstream", metavar="URL", help="Follow a live Jetstream endpoint, resuming from the saved cursor.")
+@opt("--collections", multiple=True, metavar="NSID",
+     help="With --jetstream: only these collections (Jetstream's wantedCollections); repeatable.")
+@opt("--shards", type=click.IntRange(min=1, max=1024), default=4, show_default=True,
+     help="Shard worker processes; every event of a DID goes to the same one.")
+@opt("--pool-budget", type=click.IntRange(min=2), default=200, show_default=True,
+     help="Most database connections the whole pipeline opens, supervisor included.")
+@opt("--batch-size", type=click.IntRange(min=1), default=1000, show_default=True,
+     help="Events per batch sent to a shard (one transaction each at most).")
+@opt("--from-start", is_flag=True, default=False,
+     help="Ignore the saved cursor and read the source from its beginning.")
+@opt("--metrics-port", type=click.IntRange(min=0, max=65535), default=None,
+     help="Serve Prometheus metrics on this port (0: off).")
+@opt("--summary-json", type=click.Path(dir_okay=False, writable=True), default=None,
+     help="Also write the closing summary as JSON to this file.")
+@identity_options
+@database_options
+@common_options
+def run(replay: str | None, jetstream: str | None, collections: tuple[str, ...], shards: int,
+        pool_budget: int, batch_size: int, from_start: bool, metrics_port: int | None,
+        summary_json: str | None, resolve_timeout: float, max_user_creations: int,
+        plc_url: str, dns_server: str | None, allow_private_addresses: bool, dsn: str | None,
+        data_dir: str, log_level: str) -> None:
+    """Run the pipeline over a replay file or a live Jetstream until the end or a signal.
+
+    \b
+    Examples:
+      pipeline run --replay events.jsonl.gz --shards 8 --dsn postgresql://localhost/bsky
+      pipeline run --jetstream wss://jetstream1.us-east.bsky.network/subscribe
+      * * * * * pipeline run --replay /data/today.jsonl.gz   (crontab: one run at a time)
+    """
+    from pipeline.sources.base import SourceError
+    from pipeline.supervisor import AlreadyRunning, RunOptions, Supervisor, install_signal_handlers
+    from shards.store.pool import Budget, BudgetError
+
+    setup_logging(log_level)
+    if bool(replay) == bool(jetstream):
+        fail("give exactly one of --replay PATH or --jetstream URL", RET_USAGE)
+    try:
+        Budget(pool_budget, shards).per_shard()
+    except BudgetError as exc:
+        fail(str(exc), RET_USAGE)
+    try:
+        if replay:
+            from pipeline.sources.file import FileSource
+
+            source: Any = FileSource(replay)
+        else:
+            from pipeline.sources.jetstream import JetstreamSource
+
+            source = JetstreamSource(jetstream, collections=collections)
+    except SourceError as exc:
+        fail(str(exc), RET_SOURCE)
+    dsn = resolve_dsn(dsn, data_dir)
+    open_database(dsn).close()
+    options = RunOptions(
+        dsn=dsn, shards=shards, pool_budget=pool_budget, max_user_creations=max_user_creations,
+        resolve_timeout=resolve_timeout,
+        identity=identity_config(plc_url, dns_server, allow_private_addresses, resolve_timeout),
+        batch_size=batch_size, from_start=from_start, log_level=log_level.upper(),
+    )
+    from pipeline.progress import Progress
+
+    progress = Progress.for_terminal(replay is not None)
+    supervisor = Supervisor(options, source, on_progress=progress.update)
+    install_signal_handlers(supervisor)
+    try:
+        summary = supervisor.run()
+    except AlreadyRunning:
+        progress.close()
+        click.echo(f"pipeline: another run of {source.name} is in progress; nothing to do")
+        sys.exit(RET_OK)
+    except SourceError as exc:
+        progress.close()
+        fail(str(exc), RET_SOURCE)
+    except psycopg.OperationalError as exc:
+        progress.close()
+        fail(f"database error: {_short(exc)}", RET_DATABASE)
+    progress.close()
+    click.echo(summary.render())
+    if summary_json:
+        import orjson
+
+        with open(summary_json, "wb") as f:
+            f.write(orjson.dumps(summary.as_dict(), option=orjson.OPT_INDENT_2))
+
+
+@main.command("refresh-users")
+@opt("--due-only", is_flag=True, default=False,
+     help="Only users whose backoff has passed (default: every incomplete user).")
+@identity_options
+@database_options
+@common_options
+def refresh_users(due_only: bool, resolve_timeout: float, max_user_creations: int, plc_url: str,
+                  dns_server: str | None, allow_private_addresses: bool, dsn: str | None,
+                  data_dir: str, log_level: str) -> None:
+    """One pass of the refresher over incomplete users, then exit (for cron)."""
+    from shards.identity import build_directory
+    from shards.refresher import Refresher
+    from shards.store.pool import open_pool
+
+    setup_logging(log_level)
+    dsn = resolve_dsn(dsn, data_dir)
+    open_database(dsn).close()
+    directory = build_directory(identity_config(plc_url, dns_server, allow_private_addresses,
+                                                resolve_timeout))
+    pool = open_pool(dsn, 2, "pipeline-refresh")
+    try:
+        result = Refresher(pool, directory, concurrency=min(max_user_creations, 64)).run_pass(
+            due_only=due_only)
+    finally:
+        pool.close()
+    with psycopg.connect(dsn, application_name="pipeline") as conn:
+        left = conn.execute("SELECT count(*) FROM users WHERE incomplete").fetchone()[0]
+    click.echo(f"checked {result.checked} users: {result.completed} completed, "
+               f"{result.failed} still incomplete; {left} incomplete in all")
+
+
+@main.group()
+def db() -> None:
+    """Database schema commands."""
+
+
+@db.command()
+@database_options
+@common_options
+def upgrade(dsn: str | None, data_dir: str, log_level: str) -> None:
+    """Apply schema migrations (run does this too)."""
+    from shards.store import migrations
+
+    setup_logging(log_level)
+    dsn = resolve_dsn(dsn, data_dir)
+    try:
+        conn = psycopg.connect(dsn, application_name="pipeline", connect_timeout=10)
+    except psycopg.Error as exc:
+        fail(f"cannot connect to the database: {_short(exc)}", RET_DATABASE)
+    with conn:
+        applied = migrations.upgrade(conn)
+    click.echo("applied " + ", ".join(applied) if applied else "schema is up to date")
+
+
+if __name__ == "__main__":
+    main()

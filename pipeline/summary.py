@@ -1,0 +1,120 @@
+"""The figures a run reports: in the closing summary, the progress line and `--summary-json`."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from shards.stats import Histogram, ShardStats
+
+
+@dataclass
+class ShardFigures:
+    """Per shard: the two figures of the original fix, as now and at their peak, and totals."""
+
+    shard: int
+    committed: int = 0
+    users_created: int = 0
+    active_user_creations: int = 0
+    pending_user_creations: int = 0
+    peak_active_user_creations: int = 0
+    peak_pending_user_creations: int = 0
+
+
+@dataclass
+class Summary:
+    source: str
+    events_read: int
+    committed: int
+    dead_letters: int
+    users_created: int
+    users_fallback: int
+    users_unverified: int
+    elapsed: float
+    events_per_second: float
+    latency_p50_ms: float | None
+    latency_p99_ms: float | None
+    start_cursor: int | None
+    cursor: int | None
+    restarts: int
+    db_retries: int
+    transactions: int
+    progress: tuple[int, int | None]
+    dead_reasons: dict[str, int] = field(default_factory=dict)
+    identity: dict[str, int] = field(default_factory=dict)
+    shards: list[ShardFigures] = field(default_factory=list)
+
+    @classmethod
+    def collect(cls, *, source: str, events_read: int, committed: int, dead_letters: int,
+                elapsed: float, start_cursor: int | None, cursor: int | None, restarts: int,
+                shard_stats: list[ShardStats], current: dict[int, ShardStats | None],
+                progress: tuple[int, int | None]) -> Summary:
+        latency = Histogram()
+        reasons: Counter[str] = Counter()
+        identity: Counter[str] = Counter()
+        figures = {k: ShardFigures(k) for k in current}
+        for s in shard_stats:
+            latency.merge(s.latency)
+            reasons.update(s.dead_reasons)
+            identity.update(s.identity)
+            f = figures.setdefault(s.shard, ShardFigures(s.shard))
+            f.committed += s.committed
+            f.users_created += s.users_created
+            f.peak_active_user_creations = max(f.peak_active_user_creations,
+                                               s.peak_active_user_creations)
+            f.peak_pending_user_creations = max(f.peak_pending_user_creations,
+                                                s.peak_pending_user_creations)
+        for k, s in current.items():
+            if s is not None:
+                figures[k].active_user_creations = s.active_user_creations
+                figures[k].pending_user_creations = s.pending_user_creations
+        p50, p99 = latency.quantile(0.5), latency.quantile(0.99)
+        return cls(
+            source=source, events_read=events_read, committed=committed,
+            dead_letters=dead_letters,
+            users_created=sum(s.users_created for s in shard_stats),
+            users_fallback=sum(s.users_fallback for s in shard_stats),
+            users_unverified=sum(s.users_unverified for s in shard_stats),
+            elapsed=elapsed, events_per_second=(committed + dead_letters) / elapsed if elapsed else 0.0,
+            latency_p50_ms=None if p50 is None else p50 * 1000,
+            latency_p99_ms=None if p99 is None else p99 * 1000,
+            start_cursor=start_cursor, cursor=cursor, restarts=restarts,
+            db_retries=sum(s.db_retries for s in shard_stats),
+            transactions=sum(s.transactions for s in shard_stats),
+            progress=progress, dead_reasons=dict(reasons), identity=dict(identity),
+            shards=[figures[k] for k in sorted(figures)],
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def render(self) -> str:
+        """The closing summary, for people."""
+        ms = lambda v: "-" if v is None else f"{v:.1f} ms"  # noqa: E731
+        lines = [
+            f"source            {self.source}",
+            f"started at cursor {self.start_cursor if self.start_cursor is not None else 'the beginning'}"
+            f"; cursor now {self.cursor}",
+            f"events read       {self.events_read}",
+            f"committed         {self.committed}",
+            f"dead-lettered     {self.dead_letters}"
+            + (" (" + ", ".join(f"{k}: {v}" for k, v in sorted(self.dead_reasons.items())) + ")"
+               if self.dead_reasons else ""),
+            f"users created     {self.users_created} ({self.users_fallback} with the DID as"
+            f" fallback handle, {self.users_unverified} with a handle not yet verified)",
+            f"elapsed           {self.elapsed:.2f} s, {self.events_per_second:,.0f} events/s",
+            f"read to commit    p50 {ms(self.latency_p50_ms)}, p99 {ms(self.latency_p99_ms)}",
+            f"worker restarts   {self.restarts}; database retries {self.db_retries}",
+            "shard  committed  users  active-user-creations  pending-user-creation-dedup"
+            "  (peak active / peak pending)",
+        ]
+        for f in self.shards:
+            lines.append(
+                f"{f.shard:>5}  {f.committed:>9}  {f.users_created:>5}  {f.active_user_creations:>21}"
+                f"  {f.pending_user_creations:>27}  ({f.peak_active_user_creations}"
+                f" / {f.peak_pending_user_creations})"
+            )
+        if self.identity:
+            lines.append("identity          " + ", ".join(
+                f"{k} {v}" for k, v in sorted(self.identity.items()) if v))
+        return "\n".join(lines)

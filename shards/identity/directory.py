@@ -1,0 +1,71 @@
+"""The identity interface every resolver, cache and breaker implements, and its errors."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+INVALID_HANDLE = "handle.invalid"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What the pipeline stores about an account: the claimed or verified handle and its PDS."""
+
+    did: str
+    handle: str
+    handle_verified: bool = False
+    pds: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        """A verified handle, or a definitive `handle.invalid`, needs no more refreshing."""
+        return self.handle_verified or self.handle == INVALID_HANDLE
+
+    def verified(self, ok: bool) -> Identity:
+        return replace(self, handle_verified=ok, handle=self.handle if ok else INVALID_HANDLE)
+
+
+class IdentityError(Exception):
+    """Base of every resolution error."""
+
+
+class DIDNotFound(IdentityError):
+    """The DID does not exist upstream (HTTP 404/410): a final answer, cached briefly."""
+
+
+class ResolutionFailed(IdentityError):
+    """Transport error, timeout, bad status, oversized or malformed answer: retry later.
+
+    `upstream` names the host (or `dns:<server>`) that failed to answer, when one is to
+    blame; the circuit breaker counts failures against it."""
+
+    def __init__(self, *args: object, upstream: str | None = None) -> None:
+        super().__init__(*args)
+        self.upstream = upstream
+
+
+class DIDMismatch(ResolutionFailed):
+    """The document's `id` is not the DID that was asked for."""
+
+
+class AddressRefused(ResolutionFailed):
+    """The upstream host resolves to a private, loopback or link-local address."""
+
+
+class Directory(Protocol):
+    """Resolves DIDs to identities; wrappers (cache, breaker) implement it too."""
+
+    def resolve_did(self, did: str) -> Identity:
+        """The DID document's claimed handle (or `handle.invalid` if none) and PDS, unverified."""
+        ...
+
+    def verify(self, ident: Identity) -> Identity:
+        """Checks that the handle points back to the DID (DNS TXT, then HTTPS well-known).
+
+        Returns the identity verified, or with `handle.invalid` when it points elsewhere;
+        raises ResolutionFailed when the check could not be made."""
+        ...
+
+    def purge(self, did: str) -> None:
+        """Forgets anything cached for the DID (identity events)."""
+        ...

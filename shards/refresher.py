@@ -1,0 +1,154 @@
+"""Completes incomplete users in the background: handle, PDS and verification, with backoff."""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from pipeline.routing import sql_shard_expr
+from shards.identity.directory import (
+    INVALID_HANDLE, DIDNotFound, Directory, Identity, IdentityError, ResolutionFailed,
+)
+
+log = logging.getLogger("pipeline.refresher")
+
+FIRST_BACKOFF = 60.0
+MAX_BACKOFF = 6 * 3600.0
+
+
+@dataclass
+class RefreshResult:
+    """One pass: users looked at, completed, and still incomplete."""
+
+    checked: int = 0
+    completed: int = 0
+    failed: int = 0
+
+    def __iadd__(self, other: RefreshResult) -> RefreshResult:
+        self.checked += other.checked
+        self.completed += other.completed
+        self.failed += other.failed
+        return self
+
+
+_UPDATE = (
+    "UPDATE users SET handle = %s, handle_verified = %s, pds = %s, incomplete = %s,"
+    " refresh_attempts = 0, refresh_after = now(), updated_at = now() WHERE did = %s"
+)
+_FAILED = (
+    "UPDATE users SET refresh_attempts = refresh_attempts + 1,"
+    " refresh_after = now() + make_interval(secs => least(%s * power(2, refresh_attempts), %s))"
+    " WHERE did = %s"
+)
+
+
+def _row(ident: Identity) -> tuple[object, ...]:
+    return (ident.handle, ident.handle_verified, ident.pds, not ident.complete, ident.did)
+
+
+class Refresher:
+    """Per shard (or for all shards when `shard` is None): select due users, resolve, update."""
+
+    def __init__(self, pool: ConnectionPool, directory: Directory, shard: int | None = None,
+                 shards: int = 1, interval: float = 30.0, page: int = 200,
+                 concurrency: int = 8) -> None:
+        self._pool = pool
+        self._directory = directory
+        self._where = "" if shard is None else f" AND {sql_shard_expr('did', shards)} = {int(shard)}"
+        self._interval = interval
+        self._page = page
+        self._concurrency = concurrency
+        self._late: queue.SimpleQueue[Identity] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.late_offered = 0
+        self.name = "refresher" if shard is None else f"refresher-{shard}"
+
+    def offer(self, ident: Identity) -> None:
+        """A resolution that finished after its deadline: applied on the next pass."""
+        self.late_offered += 1
+        self._late.put(ident)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self.run_pass(due_only=True)
+            except Exception:  # never let the loop die; the next pass tries again
+                log.exception("%s: pass failed", self.name)
+
+    def run_pass(self, due_only: bool = True) -> RefreshResult:
+        """Applies late results, then resolves every incomplete user (due ones only, by default)."""
+        self._apply_late()
+        total = RefreshResult()
+        seen: set[str] = set()
+        while not self._stop.is_set():
+            dids = [d for d in self._select(due_only) if d not in seen]
+            if not dids:
+                break
+            seen.update(dids)
+            total += self._refresh(dids)
+        return total
+
+    def _apply_late(self) -> None:
+        rows = []
+        while not self._late.empty():
+            rows.append(_row(self._late.get()))
+        if rows:
+            with self._pool.connection() as conn, conn.cursor() as cur:
+                cur.executemany(_UPDATE + " AND incomplete", rows)
+
+    def _select(self, due_only: bool) -> list[str]:
+        due = " AND refresh_after <= now()" if due_only else ""
+        with self._pool.connection() as conn:
+            rows = conn.execute(
+                f"SELECT did FROM users WHERE incomplete{due}{self._where}"
+                f" ORDER BY refresh_after LIMIT {self._page}"
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def _resolve(self, did: str) -> Identity | IdentityError:
+        try:
+            ident = self._directory.resolve_did(did)
+        except DIDNotFound:
+            return Identity(did, INVALID_HANDLE)
+        except IdentityError as exc:
+            return exc
+        if ident.complete:
+            return ident
+        try:
+            return self._directory.verify(ident)
+        except ResolutionFailed:
+            return ident  # the claimed handle, unverified: tried again after a backoff
+
+    def _refresh(self, dids: list[str]) -> RefreshResult:
+        """Resolves with no connection held, then writes every outcome in one transaction."""
+        for did in dids:
+            self._directory.purge(did)
+        with ThreadPoolExecutor(self._concurrency, thread_name_prefix=self.name) as ex:
+            outcomes = list(ex.map(self._resolve, dids))
+        done = [_row(o) for o in outcomes if isinstance(o, Identity)]
+        failed = [(FIRST_BACKOFF, MAX_BACKOFF, d) for d, o in zip(dids, outcomes)
+                  if not (isinstance(o, Identity) and o.complete)]
+        try:
+            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                if done:
+                    cur.executemany(_UPDATE, done)
+                if failed:
+                    cur.executemany(_FAILED, failed)
+        except psycopg.OperationalError as exc:
+            log.warning("%s: could not save results: %s", self.name, exc)
+        return RefreshResult(len(dids), len(dids) - len(failed), len(failed))

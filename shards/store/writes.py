@@ -1,0 +1,193 @@
+"""Turning an ordered run of events into one transaction of bulk statements."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+import psycopg
+
+from shards.events import Event
+
+PROFILE = "app.bsky.actor.profile"
+TABLES = {
+    "app.bsky.feed.post": "posts",
+    "app.bsky.feed.like": "likes",
+    "app.bsky.feed.repost": "reposts",
+    "app.bsky.graph.follow": "follows",
+    "app.bsky.graph.block": "blocks",
+}
+COLUMNS = {
+    "posts": ("uri", "cid", "author_did", "text", "reply_parent_uri", "reply_root_uri",
+              "langs", "embed", "created_at"),
+    "likes": ("uri", "cid", "author_did", "subject_uri", "subject_cid", "created_at"),
+    "reposts": ("uri", "cid", "author_did", "subject_uri", "subject_cid", "created_at"),
+    "follows": ("uri", "cid", "author_did", "subject_did", "created_at"),
+    "blocks": ("uri", "cid", "author_did", "subject_did", "created_at"),
+    "records": ("uri", "cid", "author_did", "collection", "record"),
+}
+USER_COLUMNS = ("did", "handle", "incomplete", "handle_verified", "pds")
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _time(value: Any) -> datetime | None:
+    """A record's createdAt, or None when it is not a datetime PostgreSQL would take."""
+    if not isinstance(value, str) or len(value) > 64:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()
+
+
+def _blob_cid(value: Any) -> str | None:
+    if isinstance(value, dict):
+        ref = value.get("ref")
+        if isinstance(ref, dict):
+            return _str(ref.get("$link"))
+        return _str(value.get("cid"))
+    return None
+
+
+def _subject(record: dict[str, Any]) -> tuple[str | None, str | None]:
+    subject = record.get("subject")
+    if isinstance(subject, dict):
+        return _str(subject.get("uri")), _str(subject.get("cid"))
+    return None, None
+
+
+def row_for(table: str, ev: Event) -> tuple[Any, ...]:
+    """The row a create or update writes into its table."""
+    rec = ev.record or {}
+    uri = ev.uri
+    if table == "posts":
+        reply = rec.get("reply") if isinstance(rec.get("reply"), dict) else {}
+        parent = reply.get("parent") if isinstance(reply.get("parent"), dict) else {}
+        root = reply.get("root") if isinstance(reply.get("root"), dict) else {}
+        langs = rec.get("langs")
+        langs = [x for x in langs if isinstance(x, str)] if isinstance(langs, list) else None
+        return (uri, ev.cid, ev.did, _str(rec.get("text")), _str(parent.get("uri")),
+                _str(root.get("uri")), langs, _json(rec.get("embed")), _time(rec.get("createdAt")))
+    if table in ("likes", "reposts"):
+        return (uri, ev.cid, ev.did, *_subject(rec), _time(rec.get("createdAt")))
+    if table in ("follows", "blocks"):
+        return (uri, ev.cid, ev.did, _str(rec.get("subject")), _time(rec.get("createdAt")))
+    return (uri, ev.cid, ev.did, ev.collection, _json(rec))
+
+
+@dataclass
+class Changes:
+    """The net effect of an ordered run of events: later events on a URI replace earlier ones."""
+
+    upserts: dict[str, dict[str, tuple[Any, ...]]] = field(default_factory=dict)
+    deletes: dict[str, set[str]] = field(default_factory=dict)
+    profiles: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    accounts: dict[str, tuple[bool, str | None]] = field(default_factory=dict)
+    identities: set[str] = field(default_factory=set)
+    users: list[tuple[Any, ...]] = field(default_factory=list)
+    dead: list[tuple[str, int, bytes, str]] = field(default_factory=list)
+
+    def add(self, ev: Event) -> None:
+        if ev.kind == "account":
+            self.accounts[ev.did] = (bool(ev.active), ev.status)
+        elif ev.kind == "identity":
+            self.identities.add(ev.did)
+        elif ev.collection == PROFILE:
+            if ev.rkey == "self":
+                rec = ev.record or {}
+                self.profiles[ev.did] = (
+                    _str(rec.get("displayName")), _str(rec.get("description")),
+                    _blob_cid(rec.get("avatar")), _blob_cid(rec.get("banner")),
+                ) if ev.operation != "delete" else (None, None, None, None)
+        else:
+            table = TABLES.get(ev.collection or "", "records")
+            uri = ev.uri
+            if ev.operation == "delete":
+                self.upserts.get(table, {}).pop(uri, None)
+                self.deletes.setdefault(table, set()).add(uri)
+            else:
+                self.deletes.get(table, set()).discard(uri)
+                self.upserts.setdefault(table, {})[uri] = row_for(table, ev)
+
+    def __bool__(self) -> bool:
+        return bool(self.upserts or self.deletes or self.profiles or self.accounts
+                    or self.identities or self.users or self.dead)
+
+
+STAGING = [
+    f"CREATE TEMP TABLE IF NOT EXISTS stage_{t} (LIKE {t}) ON COMMIT DELETE ROWS"
+    for t in COLUMNS
+] + [
+    "CREATE TEMP TABLE IF NOT EXISTS stage_users"
+    " (did text, handle text, incomplete boolean, handle_verified boolean, pds text)"
+    " ON COMMIT DELETE ROWS"
+]
+
+
+def prepare_connection(conn: psycopg.Connection) -> None:
+    """Creates this session's staging tables (pool `configure` hook)."""
+    for sql in STAGING:
+        conn.execute(sql)
+    conn.commit()
+
+
+def _copy(cur: psycopg.Cursor, table: str, columns: tuple[str, ...], rows: Any) -> None:
+    with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row)
+
+
+def write(conn: psycopg.Connection, changes: Changes) -> None:
+    """Applies the changes in one transaction: users first, then records, then dead letters."""
+    with conn.transaction(), conn.cursor() as cur:
+        if changes.users:
+            _copy(cur, "stage_users", USER_COLUMNS, changes.users)
+            cur.execute(
+                f"INSERT INTO users ({', '.join(USER_COLUMNS)})"
+                f" SELECT {', '.join(USER_COLUMNS)} FROM stage_users ON CONFLICT (did) DO NOTHING"
+            )
+        for table, uris in changes.deletes.items():
+            if uris:
+                cur.execute(f"DELETE FROM {table} WHERE uri = ANY(%s)", (list(uris),))
+        for table, rows in changes.upserts.items():
+            if not rows:
+                continue
+            cols = COLUMNS[table]
+            _copy(cur, f"stage_{table}", cols, rows.values())
+            sets = ", ".join(f"{c} = EXCLUDED.{c}" for c in cols[1:])
+            cur.execute(
+                f"INSERT INTO {table} ({', '.join(cols)}) SELECT {', '.join(cols)}"
+                f" FROM stage_{table} ON CONFLICT (uri) DO UPDATE SET {sets}"
+            )
+        if changes.profiles:
+            cur.executemany(
+                "UPDATE users SET display_name = %s, description = %s, avatar_cid = %s,"
+                " banner_cid = %s, updated_at = now() WHERE did = %s",
+                [(*v, did) for did, v in changes.profiles.items()],
+            )
+        if changes.accounts:
+            cur.executemany(
+                "UPDATE users SET active = %s, status = %s, updated_at = now() WHERE did = %s",
+                [(*v, did) for did, v in changes.accounts.items()],
+            )
+        if changes.identities:
+            cur.execute(
+                "UPDATE users SET incomplete = true, refresh_after = now(), refresh_attempts = 0"
+                " WHERE did = ANY(%s)",
+                (list(changes.identities),),
+            )
+        if changes.dead:
+            cur.executemany(
+                "INSERT INTO dead_letters (source, position, raw, error) VALUES (%s, %s, %s, %s)"
+                " ON CONFLICT (source, position, raw_sha256) DO NOTHING",
+                changes.dead,
+            )

@@ -1,0 +1,41 @@
+"""Syntax checks for AT Protocol identifiers, following the interop test vectors."""
+from __future__ import annotations
+
+import re
+
+# fullmatch everywhere: `$` would also accept a trailing "\n".
+_DID = re.compile(r"did:[a-z]+:[a-zA-Z0-9._:%-]*[a-zA-Z0-9._-]")
+_HANDLE = re.compile(
+    r"([a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?\.)+[a-zA-Z]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?"
+)
+_NSID = re.compile(
+    r"[a-zA-Z]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?(\.[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)+"
+    r"(\.[a-zA-Z]([a-zA-Z0-9]{0,62})?)"
+)
+_RKEY = re.compile(r"[a-zA-Z0-9_~.:-]{1,512}")
+
+# Syntactically valid, but never resolvable as an atproto handle (atproto handle spec).
+_DISALLOWED_TLDS = frozenset(
+    {"alt", "arpa", "example", "internal", "invalid", "local", "localhost", "onion"}
+)
+
+
+def is_did(value: object) -> bool:
+    return isinstance(value, str) and len(value) <= 2048 and _DID.fullmatch(value) is not None
+
+
+def is_handle(value: object) -> bool:
+    return isinstance(value, str) and len(value) <= 253 and _HANDLE.fullmatch(value) is not None
+
+
+def is_nsid(value: object) -> bool:
+    return isinstance(value, str) and len(value) <= 317 and _NSID.fullmatch(value) is not None
+
+
+def is_record_key(value: object) -> bool:
+    return isinstance(value, str) and value not in (".", "..") and _RKEY.fullmatch(value) is not None
+
+
+def handle_tld_allowed(handle: str) -> bool:
+    """False for TLDs that can never resolve (.local, .onion...): such a handle is invalid at once."""
+    return handle.rsplit(".", 1)[-1].lower() not in _DISALLOWED_TLDS

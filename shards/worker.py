@@ -1,0 +1,270 @@
+"""One shard worker: decode, make sure authors exist, write a batch per transaction, acknowledge.
+
+Messages in: ("batch", batch_id, read_time, idxs, positions, lines) and ("stop",).
+Messages out: ("ready", shard), ("ack", shard, {batch_id: (committed_idxs, dead_idxs)})
+after each commit, ("stats", shard, stats) now and then, and a last ("stats", ...) on exit."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+import psycopg
+
+from shards.events import BadEvent, Event, decode
+from shards.identity import IdentityConfig, build_directory
+from shards.refresher import Refresher
+from shards.stats import ShardStats
+from shards.store.pool import open_pool
+from shards.store.writes import Changes, write
+from shards.users import UserCreations
+
+log = logging.getLogger("pipeline.shard")
+
+STATS_EVERY = 1.0
+DEAD_RAW_BYTES = 64 * 1024  # what a dead letter keeps of an oversized line
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything a shard process needs; picklable so it crosses the process boundary."""
+
+    shard: int
+    shards: int
+    dsn: str
+    pool_size: int
+    slots: int
+    resolve_timeout: float
+    identity: IdentityConfig
+    source: str
+    refresh_interval: float = 30.0
+    known_capacity: int = 1_000_000
+    log_level: str = "WARNING"
+
+
+class KnownDIDs:
+    """DIDs known to be in `users`, least recently seen dropped first."""
+
+    def __init__(self, capacity: int) -> None:
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._capacity = capacity
+
+    def __contains__(self, did: str) -> bool:
+        if did in self._seen:
+            self._seen.move_to_end(did)
+            return True
+        return False
+
+    def add(self, did: str) -> None:
+        self._seen[did] = None
+        if len(self._seen) > self._capacity:
+            self._seen.popitem(last=False)
+
+
+class Acks:
+    """Which events (committed, dead-lettered) of which batches the next commit makes durable."""
+
+    def __init__(self) -> None:
+        self.batches: dict[int, tuple[list[int], list[int]]] = {}
+
+    def add(self, batch: int, idx: int, dead: bool = False) -> None:
+        self.batches.setdefault(batch, ([], []))[1 if dead else 0].append(idx)
+
+
+class ShardWorker:
+    """The loop of one shard process; see the module docstring for its messages."""
+
+    def __init__(self, config: WorkerConfig, conn: Connection) -> None:
+        self.config = config
+        self.conn = conn
+        self.stats = ShardStats(config.shard)
+        name = f"pipeline-shard-{config.shard}"
+        self.pool = open_pool(config.dsn, config.pool_size, name)
+        self.directory = build_directory(config.identity)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.refresher = Refresher(self.pool, self.directory, config.shard, config.shards,
+                                   interval=config.refresh_interval)
+        self.users = UserCreations(self.directory, config.slots, config.resolve_timeout,
+                                   wake=self._wake, late=self.refresher.offer)
+        self.known = KnownDIDs(config.known_capacity)
+        self.batches: dict[int, list[float]] = {}  # batch id -> [read time, events not yet committed]
+        self.stopping = False
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except BlockingIOError:
+            pass  # already awake
+
+    def run(self) -> None:
+        self.conn.send(("ready", self.config.shard))
+        self.refresher.start()
+        last_stats = time.monotonic()
+        while not (self.stopping and not self.users.pending):
+            now = time.monotonic()
+            deadline = self.users.next_deadline()
+            timeout = 0.5 if deadline is None else min(0.5, max(0.0, deadline - now))
+            ready = wait([self.conn, self._wake_r], timeout)
+            changes, acks = Changes(), Acks()
+            events: list[Event] = []
+            if self.conn in ready:
+                while not self.stopping and self.conn.poll():
+                    msg = self.conn.recv()
+                    if msg[0] == "stop":
+                        self.stopping = True
+                    else:
+                        self._take(msg, changes, acks, events)
+            if self._wake_r in ready:
+                try:
+                    self._wake_r.recv(4096)
+                except BlockingIOError:
+                    pass
+            for pending, user in self.users.settle_due(time.monotonic()):
+                self.stats.users_created += 1
+                self.stats.users_fallback += user.fallback
+                self.stats.users_unverified += (not user.fallback and user.incomplete)
+                changes.users.append(user.row())
+                self.known.add(pending.did)
+                for ev in pending.events:
+                    changes.add(ev)
+                    acks.add(ev.batch, ev.idx)
+                    events.append(ev)
+            if changes:
+                self._commit(changes, events, acks)
+            if acks.batches:
+                self.conn.send(("ack", self.config.shard, acks.batches))
+            if time.monotonic() - last_stats >= STATS_EVERY:
+                self.conn.send(("stats", self.config.shard, self.snapshot()))
+                last_stats = time.monotonic()
+        self.refresher.stop()
+        self.conn.send(("stats", self.config.shard, self.snapshot()))
+
+    def snapshot(self) -> ShardStats:
+        self.stats.gauges(self.users.active, len(self.users.pending))
+        self.stats.coalesced_events = self.users.coalesced
+        self.stats.late_resolutions = self.refresher.late_offered
+        self.stats.identity = self.directory.stats() if hasattr(self.directory, "stats") else {}
+        return self.stats
+
+    def _take(self, msg: tuple[Any, ...], changes: Changes, acks: Acks, events: list[Event]) -> None:
+        """Decodes a batch; events of known authors go into this transaction, others wait."""
+        _, batch_id, read_time, idxs, positions, lines = msg
+        received = time.monotonic()
+        self.batches[batch_id] = [read_time, len(idxs)]
+        acks.batches.setdefault(batch_id, ([], []))  # acknowledged as taken even if all wait
+        unknown: dict[str, list[Event]] = {}
+        for idx, position, raw in zip(idxs, positions, lines):
+            try:
+                ev = decode(raw, batch_id, idx, position)
+            except BadEvent as exc:
+                changes.dead.append((self.config.source, position, raw[:DEAD_RAW_BYTES], str(exc)))
+                acks.add(batch_id, idx, dead=True)
+                self.stats.dead_reasons[str(exc).split(":")[0]] += 1
+                continue
+            pending = self.users.pending.get(ev.did)
+            if pending is not None:
+                pending.events.append(ev)
+                self.users.coalesced += 1
+            elif ev.did in self.known:
+                changes.add(ev)
+                acks.add(ev.batch, ev.idx)
+                events.append(ev)
+            else:
+                unknown.setdefault(ev.did, []).append(ev)
+        if not unknown:
+            return
+        existing = self._existing(list(unknown))
+        for did, evs in unknown.items():
+            if did in existing:
+                self.known.add(did)
+                for ev in evs:
+                    changes.add(ev)
+                    acks.add(ev.batch, ev.idx)
+                    events.append(ev)
+            else:
+                self.users.begin(did, received).events.extend(evs)
+
+    def _existing(self, dids: list[str]) -> set[str]:
+        for attempt in range(1_000_000):
+            try:
+                with self.pool.connection() as conn:
+                    rows = conn.execute("SELECT did FROM users WHERE did = ANY(%s)", (dids,))
+                    return {r[0] for r in rows}
+            except psycopg.OperationalError as exc:
+                self._backoff(attempt, exc)
+        raise AssertionError("unreachable")
+
+    def _backoff(self, attempt: int, exc: Exception) -> None:
+        self.stats.db_retries += 1
+        delay = min(0.1 * 2**attempt, 5.0)
+        log.warning("shard %d: database error, retrying in %.1fs: %s",
+                    self.config.shard, delay, str(exc).strip().splitlines()[0] if str(exc) else exc)
+        time.sleep(delay)
+
+    def _commit(self, changes: Changes, events: list[Event], acks: Acks) -> None:
+        """One transaction; retried on connection faults, split event by event on bad data."""
+        attempt = 0
+        while True:
+            try:
+                with self.pool.connection() as conn:
+                    write(conn, changes)
+                break
+            except psycopg.OperationalError as exc:
+                self._backoff(attempt, exc)
+                attempt += 1
+            except psycopg.Error as exc:
+                log.warning("shard %d: batch rejected (%s); writing event by event",
+                            self.config.shard, exc)
+                self._commit_one_by_one(changes, events, acks)
+                break
+        now = time.monotonic()
+        self.stats.transactions += 1
+        for batch_id, (committed, dead) in acks.batches.items():
+            self.stats.committed += len(committed)
+            self.stats.dead_letters += len(dead)
+            entry = self.batches[batch_id]
+            self.stats.latency.observe(now - entry[0], len(committed) + len(dead))
+            entry[1] -= len(committed) + len(dead)
+            if entry[1] <= 0:
+                del self.batches[batch_id]
+
+    def _commit_one_by_one(self, changes: Changes, events: list[Event], acks: Acks) -> None:
+        base = Changes(users=changes.users, dead=changes.dead)
+        with self.pool.connection() as conn:
+            write(conn, base)
+            for ev in events:
+                single = Changes()
+                single.add(ev)
+                try:
+                    write(conn, single)
+                except psycopg.OperationalError:
+                    raise
+                except psycopg.Error as exc:
+                    reason = f"rejected by database: {str(exc).strip().splitlines()[0]}"
+                    write(conn, Changes(dead=[(self.config.source, ev.position, ev.raw, reason)]))
+                    committed, dead = acks.batches[ev.batch]
+                    committed.remove(ev.idx)
+                    dead.append(ev.idx)
+                    self.stats.dead_reasons["rejected by database"] += 1
+
+
+def main(config: WorkerConfig, conn: Connection) -> None:
+    """Process entry point: the supervisor coordinates stopping, so SIGINT is left to it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=config.log_level,
+                        format=f"%(asctime)s shard-{config.shard} %(levelname)s %(message)s")
+    try:
+        ShardWorker(config, conn).run()
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        pass  # the supervisor is gone: nothing to acknowledge to
+    finally:
+        conn.close()
+    os._exit(0)

@@ -1,0 +1,107 @@
+"""Fixtures: a real PostgreSQL (embedded, or TEST_DSN), a fresh database per test, the CLI."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tools.fake_dns import FakeDNS
+from tools.fake_plc import FakePLC
+
+DATA = Path(__file__).parent / "data"
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="session")
+def server_dsn() -> Iterator[str]:
+    """TEST_DSN names a server to use; otherwise an embedded one lives for the session."""
+    if os.environ.get("TEST_DSN"):
+        yield os.environ["TEST_DSN"]
+        return
+    from pipeline import embedded
+
+    with tempfile.TemporaryDirectory(prefix="pipeline-test-pg-") as d:
+        yield embedded.start(d)
+
+
+@pytest.fixture
+def dsn(server_dsn: str) -> Iterator[str]:
+    """A new empty database for one test, dropped afterwards."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    info = psycopg.conninfo.conninfo_to_dict(server_dsn)
+    info["dbname"] = name
+    yield psycopg.conninfo.make_conninfo(**info)
+    with psycopg.connect(server_dsn, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def pipeline_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline", *args]
+
+
+def run_pipeline(*args: str, timeout: float = 240, env: dict[str, str] | None = None,
+                 **kwargs: object) -> subprocess.CompletedProcess[str]:
+    """Runs the real command line to its end."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
+    full_env.update(env or {})
+    return subprocess.run(pipeline_cmd(*args), capture_output=True, text=True, timeout=timeout,
+                          env=full_env, cwd=ROOT, **kwargs)
+
+
+def start_pipeline(*args: str, env: dict[str, str] | None = None,
+                   **kwargs: object) -> subprocess.Popen[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
+    full_env.update(env or {})
+    return subprocess.Popen(pipeline_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=full_env, cwd=ROOT, **kwargs)
+
+
+def query(dsn: str, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+TABLES = ("users", "posts", "likes", "reposts", "follows", "blocks", "records", "dead_letters")
+VOLATILE = {"updated_at", "created_at", "refresh_after", "refresh_attempts", "id"}
+
+
+def digest(dsn: str) -> dict[str, str]:
+    """A digest of each table's rows, leaving out bookkeeping timestamps."""
+    out = {}
+    with psycopg.connect(dsn) as conn:
+        for table in TABLES:
+            cols = [r[0] for r in conn.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = %s"
+                " ORDER BY ordinal_position", (table,))]
+            keep = ", ".join(c for c in cols if c not in VOLATILE or table not in ("users", "dead_letters"))
+            row = conn.execute(
+                f"SELECT count(*), md5(coalesce(string_agg(t::text, '|' ORDER BY t::text), ''))"
+                f" FROM (SELECT {keep} FROM {table}) t").fetchone()
+            out[table] = f"{row[0]}:{row[1]}"
+    return out
+
+
+@contextmanager
+def fake_network(docs: dict[str, dict], **plc_options: object) -> Iterator[tuple[FakePLC, FakeDNS]]:
+    """A PLC stub serving `docs` and a DNS server whose TXT records verify every handle."""
+    dns = FakeDNS()
+    for did, doc in docs.items():
+        for aka in doc.get("alsoKnownAs", []):
+            if aka.startswith("at://"):
+                dns.add_txt(f"_atproto.{aka[5:]}", f"did={did}")
+    with dns, FakePLC(docs, **plc_options) as plc:
+        yield plc, dns
+
+
+def identity_args(plc: FakePLC, dns: FakeDNS) -> list[str]:
+    return ["--plc-url", plc.url, "--dns-server", dns.address, "--allow-private-addresses"]

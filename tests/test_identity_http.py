@@ -1,0 +1,239 @@
+"""shards.identity.http: address policy, pinning, size caps, redirects, timeouts; all on 127.0.0.1."""
+from __future__ import annotations
+
+import shutil
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shards.identity import AddressRefused, BaseDirectory, DIDNotFound, ResolutionFailed
+from shards.identity import http as http_mod
+from shards.identity.addresses import is_public_address, preferred_address
+from shards.identity.dnsclient import DnsClient, HostNotFound
+from shards.identity.http import HttpFetcher, ResponseTooLarge
+from shards.identity.testing import StubServer, did_document, local_config
+from tools.fake_dns import FakeDNS
+
+PLC = "did:plc:" + "a" * 24
+MB = 1024 * 1024
+
+
+@pytest.fixture
+def dns() -> Iterator[FakeDNS]:
+    with FakeDNS() as server:
+        yield server
+
+
+@pytest.fixture
+def stub() -> Iterator[StubServer]:
+    with StubServer() as server:
+        yield server
+
+
+@pytest.mark.parametrize(
+    ("address", "public"),
+    [("8.8.8.8", True), ("2001:4860:4860::8888", True), ("127.0.0.1", False), ("::1", False),
+     ("10.1.2.3", False), ("172.16.0.1", False), ("192.168.1.1", False), ("169.254.169.254", False),
+     ("fe80::1", False), ("fc00::1", False), ("100.64.0.1", False), ("0.0.0.0", False),
+     ("224.0.0.1", False), ("255.255.255.255", False), ("192.0.2.1", False),
+     ("::ffff:127.0.0.1", False), ("::ffff:8.8.8.8", False), ("2002:7f00:1::", False),
+     ("64:ff9b::7f00:1", False), ("not-an-ip", False)],
+)
+def test_is_public_address(address: str, public: bool) -> None:
+    assert is_public_address(address) is public
+
+
+def test_preferred_address_is_ipv4_first() -> None:
+    assert preferred_address(["::1", "127.0.0.1"]) == "127.0.0.1"
+    assert preferred_address(["::1"]) == "::1"
+
+
+def test_private_plc_refused_without_flag(stub: StubServer) -> None:
+    stub.document(did_document(PLC, "alice.test"))
+    base = BaseDirectory(local_config(plc_url=stub.url, allow_private_addresses=False))
+    with pytest.raises(AddressRefused):
+        base.resolve_did(PLC)
+    assert stub.connections == 0 and stub.count() == 0
+    assert base.stats()["resolution.plc.refused"] == 1
+
+
+def test_private_did_web_refused_without_flag(dns: FakeDNS, stub: StubServer) -> None:
+    dns.add_a("web.test", "127.0.0.1")
+    stub.document(did_document("did:web:web.test", "bob.test"), path="/.well-known/did.json")
+    base = BaseDirectory(local_config(dns.address, web_port=stub.port,
+                                      allow_private_addresses=False))
+    with pytest.raises(AddressRefused):
+        base.resolve_did("did:web:web.test")
+    assert dns.count("web.test", "A") == 1
+    assert stub.connections == 0
+
+
+def test_any_non_public_address_refuses_before_connecting(monkeypatch: pytest.MonkeyPatch) -> None:
+    class TwoAddresses(DnsClient):
+        def addresses(self, host: str) -> list[str]:
+            return ["8.8.8.8", "127.0.0.1"]
+
+    def no_session() -> None:
+        pytest.fail("a refused address must not be connected to")
+
+    monkeypatch.setattr(http_mod, "session", no_session)
+    config = local_config(allow_private_addresses=False)
+    fetcher = HttpFetcher(config, TwoAddresses(config))
+    with pytest.raises(AddressRefused):
+        fetcher.get("http://mixed.test/x", max_bytes=100)
+
+
+def test_pinned_to_vetted_address_with_name_in_host_header(dns: FakeDNS, stub: StubServer) -> None:
+    # web.test exists only in the fake DNS: the system resolver could not have found it.
+    did = f"did:web:web.test%3A{stub.port}"
+    dns.add_a("web.test", "127.0.0.1")
+    stub.document(did_document(did, "bob.test"), path="/.well-known/did.json")
+    base = BaseDirectory(local_config(dns.address))
+    assert base.resolve_did(did).handle == "bob.test"
+    assert stub.seen[-1].host == f"web.test:{stub.port}"
+    assert dns.count("web.test", "A") == 1
+
+
+def test_streamed_oversized_document_cut_off(stub: StubServer) -> None:
+    streamed = stub.stream(f"/{PLC}", 10 * MB, pause=0.002)
+    base = BaseDirectory(local_config(plc_url=stub.url))
+    started = time.monotonic()
+    with pytest.raises(ResponseTooLarge):
+        base.resolve_did(PLC)
+    assert time.monotonic() - started < 2
+    assert streamed.done.wait(5), "server never noticed the client leaving"
+    assert streamed.aborted
+    assert streamed.sent < 2 * MB
+    assert base.stats()["resolution.plc.failed"] == 1
+
+
+def test_declared_oversized_document_not_read(stub: StubServer) -> None:
+    streamed = stub.stream(f"/{PLC}", 10 * MB, pause=0.002, declare_length=True)
+    base = BaseDirectory(local_config(plc_url=stub.url))
+    with pytest.raises(ResponseTooLarge, match="Content-Length"):
+        base.resolve_did(PLC)
+    assert streamed.done.wait(5)
+    assert streamed.aborted and streamed.sent < 2 * MB
+
+
+def test_cap_is_inclusive(stub: StubServer) -> None:
+    fetcher = HttpFetcher(local_config(), DnsClient(local_config()))
+    stub.route("/exact", b"x" * 100)
+    assert fetcher.get(f"{stub.url}/exact", max_bytes=100).body == b"x" * 100
+    with pytest.raises(ResponseTooLarge):
+        fetcher.get(f"{stub.url}/exact", max_bytes=99)
+
+
+def test_slow_upstream_times_out(stub: StubServer) -> None:
+    stub.hang()
+    base = BaseDirectory(local_config(plc_url=stub.url, read_timeout=0.3))
+    started = time.monotonic()
+    with pytest.raises(ResolutionFailed) as info:
+        base.resolve_did(PLC)
+    assert 0.25 < time.monotonic() - started < 2
+    assert info.value.upstream == f"127.0.0.1:{stub.port}"
+
+
+def test_redirects_followed_within_bound(stub: StubServer) -> None:
+    stub.route(f"/{PLC}", status=302, headers={"Location": "/moved"})
+    stub.route("/moved", status=301, headers={"Location": f"{stub.url}/final"})
+    stub.document(did_document(PLC, "alice.test"), path="/final")
+    assert BaseDirectory(local_config(plc_url=stub.url)).resolve_did(PLC).handle == "alice.test"
+    with pytest.raises(ResolutionFailed, match="redirects"):
+        BaseDirectory(local_config(plc_url=stub.url, max_redirects=1)).resolve_did(PLC)
+
+
+def test_redirect_target_is_vetted_again(
+    dns: FakeDNS, stub: StubServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Pretend 127.0.0.1 is public and 127.0.0.2 private: the first hop passes, the second not.
+    monkeypatch.setattr(http_mod, "is_public_address", lambda a: a == "127.0.0.1")
+    dns.add_a("first.test", "127.0.0.1")
+    dns.add_a("second.test", "127.0.0.2")
+    stub.route("/.well-known/did.json", status=302,
+               headers={"Location": f"http://second.test:{stub.port}/.well-known/did.json"})
+    base = BaseDirectory(local_config(dns.address, web_port=stub.port,
+                                      allow_private_addresses=False))
+    with pytest.raises(AddressRefused):
+        base.resolve_did("did:web:first.test")
+    assert stub.count() == 1
+    assert dns.count("second.test", "A") == 1
+
+
+def test_redirect_to_missing_host(dns: FakeDNS, stub: StubServer) -> None:
+    stub.route(f"/{PLC}", status=307, headers={"Location": "http://gone.test/x"})
+    with pytest.raises(ResolutionFailed) as info:
+        BaseDirectory(local_config(dns.address, plc_url=stub.url)).resolve_did(PLC)
+    assert isinstance(info.value.__cause__, HostNotFound)
+
+
+def test_did_web_host_nxdomain_is_not_found(dns: FakeDNS) -> None:
+    base = BaseDirectory(local_config(dns.address))
+    with pytest.raises(DIDNotFound):
+        base.resolve_did("did:web:nowhere.test")
+    assert base.stats()["resolution.web.not_found"] == 1
+
+
+def test_dns_outage_blames_dns(dns: FakeDNS) -> None:
+    dns.down = True
+    base = BaseDirectory(local_config(dns.address, dns_timeout=0.3))
+    with pytest.raises(ResolutionFailed) as info:
+        base.resolve_did("did:web:web.test")
+    assert info.value.upstream == f"dns:{dns.address}"
+    assert not isinstance(info.value, DIDNotFound)
+
+
+# -- TLS: the pinned connection still checks the certificate against the name ---------------
+
+def _make_cert(tmp: Path, name: str) -> tuple[Path, Path]:
+    cert, key = tmp / f"{name}.pem", tmp / f"{name}.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", f"/CN={name}",
+         "-addext", f"subjectAltName=DNS:{name}", "-addext", "basicConstraints=critical,CA:TRUE",
+         "-addext", "keyUsage=critical,digitalSignature,keyCertSign"],
+        check=True, capture_output=True,
+    )
+    return cert, key
+
+
+@pytest.fixture
+def tls_stub(tmp_path: Path) -> Iterator[tuple[StubServer, Path]]:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    cert, key = _make_cert(tmp_path, "secure.test")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    with StubServer(ssl_context=context) as server:
+        yield server, cert
+
+
+def test_tls_pinned_connection_verifies_the_name(dns: FakeDNS, tls_stub: tuple[StubServer, Path]) -> None:
+    stub, cert = tls_stub
+    dns.add_a("secure.test", "127.0.0.1")
+    dns.add_a("other.test", "127.0.0.1")
+    stub.document(did_document("did:web:secure.test", "carol.test"), path="/.well-known/did.json")
+    base = BaseDirectory(local_config(dns.address, web_scheme="https", web_port=stub.port,
+                                      ca_bundle=str(cert)))
+    assert base.resolve_did("did:web:secure.test").handle == "carol.test"
+    assert stub.seen[-1].host == f"secure.test:{stub.port}"
+    # Same address, but the certificate is not for other.test: refused by the TLS check.
+    stub.document(did_document("did:web:other.test", "dave.test"), path="/.well-known/did.json")
+    with pytest.raises(ResolutionFailed, match="(?i)certificate|hostname"):
+        base.resolve_did("did:web:other.test")
+
+
+def test_https_to_http_redirect_refused(dns: FakeDNS, tls_stub: tuple[StubServer, Path]) -> None:
+    stub, cert = tls_stub
+    dns.add_a("secure.test", "127.0.0.1")
+    stub.route("/.well-known/did.json", status=302,
+               headers={"Location": "http://secure.test/.well-known/did.json"})
+    base = BaseDirectory(local_config(dns.address, web_scheme="https", web_port=stub.port,
+                                      ca_bundle=str(cert)))
+    with pytest.raises(ResolutionFailed, match="refusing redirect"):
+        base.resolve_did("did:web:secure.test")
+    assert stub.count() == 1
