@@ -121,7 +121,8 @@ class HttpFetcher:
         if not self._config.allow_private_addresses:
             bad = [a for a in addresses if not is_public_address(a)]
             if bad:
-                raise AddressRefused(f"{host} resolves to non-public address {bad[0]}")
+                raise AddressRefused(f"{host} resolves to non-public address {bad[0]} "
+                                     "(allowed only with --allow-private-addresses)")
         return preferred_address(addresses)
 
     def _get_once(
