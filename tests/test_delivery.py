@@ -1,0 +1,167 @@
+"""Nothing lost: killed workers, a killed supervisor, killed connections, signals, one run at a time."""
+from __future__ import annotations
+
+import random
+import re
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import digest, fake_network, identity_args, query, run_pipeline, start_pipeline
+from tools.generate import did_documents, write_replay
+
+EVENTS, DIDS, SEED = 100_000, 1_000, 11
+
+
+@pytest.fixture(scope="module")
+def replay_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("delivery") / "events.jsonl"
+    write_replay(path, EVENTS, DIDS, seed=SEED)
+    return path
+
+
+@pytest.fixture(scope="module")
+def net() -> Iterator[tuple]:
+    with fake_network(did_documents(DIDS, seed=SEED)) as n:
+        yield n
+
+
+@pytest.fixture(scope="module")
+def clean_digest(server_dsn: str, replay_file: Path, net: tuple,
+                 tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The content a clean run leaves: what every faulty run must end with too."""
+    import psycopg
+
+    name = "t_clean_delivery"
+    with psycopg.connect(server_dsn, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {name}")
+    info = psycopg.conninfo.conninfo_to_dict(server_dsn)
+    info["dbname"] = name
+    dsn = psycopg.conninfo.make_conninfo(**info)
+    result = run_pipeline(*args(dsn, replay_file, net))
+    assert result.returncode == 0, result.stderr
+    assert f"committed         {EVENTS}" in result.stdout
+    yield digest(dsn)
+    with psycopg.connect(server_dsn, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def args(dsn: str, path: Path, net: tuple, *extra: str) -> list[str]:
+    return ["run", "--replay", str(path), "--dsn", dsn, *identity_args(*net), "--batch-size", "500",
+            "--log-level", "WARNING", *extra]
+
+
+def workers(proc: psutil.Process) -> list[psutil.Process]:
+    return [c for c in proc.children() if "spawn_main" in " ".join(c.cmdline())
+            and "resource_tracker" not in " ".join(c.cmdline())]
+
+
+def committed(dsn: str) -> int:
+    try:
+        return query(dsn, "SELECT (SELECT count(*) FROM likes) + (SELECT count(*) FROM posts)")[0][0]
+    except Exception:  # schema not there yet
+        return 0
+
+
+def wait_until(predicate, timeout: float = 60.0, every: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(every)
+
+
+def test_workers_killed_midway_lose_nothing(dsn: str, replay_file: Path, net: tuple,
+                                            clean_digest: dict[str, str]) -> None:
+    proc = start_pipeline(*args(dsn, replay_file, net))
+    parent = psutil.Process(proc.pid)
+    kills = 0
+    rng = random.Random(1)
+    while proc.poll() is None and kills < 4:
+        wait_until(lambda: proc.poll() is not None or committed(dsn) > (kills + 1) * 8_000)
+        live = workers(parent) if proc.poll() is None else []
+        if live:
+            rng.choice(live).send_signal(signal.SIGKILL)
+            kills += 1
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err
+    assert kills >= 3, "the run ended before the workers could be killed"
+    assert int(re.search(r"worker restarts\s+(\d+)", out).group(1)) >= 3
+    assert digest(dsn) == clean_digest
+
+
+def test_supervisor_killed_then_rerun_resumes(dsn: str, replay_file: Path, net: tuple,
+                                              clean_digest: dict[str, str]) -> None:
+    proc = start_pipeline(*args(dsn, replay_file, net))
+    wait_until(lambda: _cursor(dsn) > replay_file.stat().st_size // 3)
+    psutil.Process(proc.pid).send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    saved = _cursor(dsn)
+    second = run_pipeline(*args(dsn, replay_file, net))
+    assert second.returncode == 0, second.stderr
+    read = int(re.search(r"events read\s+(\d+)", second.stdout).group(1))
+    assert f"started at cursor {saved}" in second.stdout
+    assert 0 < read < EVENTS
+    with open(replay_file, "rb") as f:  # it read exactly the lines from the cursor on
+        f.seek(saved)
+        assert read == sum(1 for _ in f)
+    assert digest(dsn) == clean_digest
+
+
+def _cursor(dsn: str) -> int:
+    try:
+        rows = query(dsn, "SELECT cursor FROM cursors")
+    except Exception:
+        return 0
+    return rows[0][0] if rows else 0
+
+
+def test_connections_terminated_midway_lose_nothing(dsn: str, replay_file: Path, net: tuple,
+                                                    clean_digest: dict[str, str]) -> None:
+    proc = start_pipeline(*args(dsn, replay_file, net))
+    dbname = query(dsn, "SELECT current_database()")[0][0]
+    for threshold in (10_000, 40_000):
+        wait_until(lambda: proc.poll() is not None or committed(dsn) > threshold)
+        killed = query(dsn, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                            " WHERE application_name LIKE 'pipeline%%' AND datname = %s", (dbname,))
+        assert killed[0][0] > 0
+    _out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err
+    assert digest(dsn) == clean_digest
+
+
+def test_sigterm_drains_saves_cursor_and_exits_zero(dsn: str, replay_file: Path, net: tuple,
+                                                   clean_digest: dict[str, str]) -> None:
+    proc = start_pipeline(*args(dsn, replay_file, net))
+    wait_until(lambda: committed(dsn) > 20_000)
+    proc.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    out, err = proc.communicate(timeout=30)
+    assert time.monotonic() - started < 10
+    assert proc.returncode == 0, err
+    saved = _cursor(dsn)
+    assert 0 < saved < replay_file.stat().st_size
+    assert f"cursor now {saved}" in out
+    rest = run_pipeline(*args(dsn, replay_file, net))
+    assert rest.returncode == 0, rest.stderr
+    assert digest(dsn) == clean_digest
+
+
+def test_second_run_of_the_same_source_exits_at_once(dsn: str, replay_file: Path,
+                                                     net: tuple) -> None:
+    first = start_pipeline(*args(dsn, replay_file, net))
+    wait_until(lambda: committed(dsn) > 0)
+    started = time.monotonic()
+    second = run_pipeline(*args(dsn, replay_file, net))
+    took = time.monotonic() - started
+    assert second.returncode == 0
+    assert "another run of" in second.stdout and "in progress" in second.stdout
+    assert first.poll() is None, "the first run should still be working"
+    assert took < 15
+    out, err = first.communicate(timeout=240)
+    assert first.returncode == 0, err
+    assert f"committed         {EVENTS}" in out
