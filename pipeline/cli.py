@@ -143,16 +143,18 @@ def main() -> None:
      help="Events per batch sent to a shard (one transaction each at most).")
 @opt("--from-start", is_flag=True, default=False,
      help="Ignore the saved cursor and read the source from its beginning.")
-@opt("--metrics-port", type=click.IntRange(min=0, max=65535), default=None,
-     help="Serve Prometheus metrics on this port (0: off).")
+@opt("--metrics-port", type=click.IntRange(min=0, max=65535), default=0,
+     help="Serve Prometheus metrics at http://ADDR:PORT/metrics (0: off).")
+@opt("--metrics-addr", default="127.0.0.1", show_default=True,
+     help="Address the metrics endpoint listens on (0.0.0.0: every interface).")
 @opt("--summary-json", type=click.Path(dir_okay=False, writable=True), default=None,
      help="Also write the closing summary as JSON to this file.")
 @identity_options
 @database_options
 @common_options
 def run(replay: str | None, jetstream: str | None, collections: tuple[str, ...], shards: int,
-        pool_budget: int, batch_size: int, from_start: bool, metrics_port: int | None,
-        summary_json: str | None, resolve_timeout: float, max_user_creations: int,
+        pool_budget: int, batch_size: int, from_start: bool, metrics_port: int,
+        metrics_addr: str, summary_json: str | None, resolve_timeout: float, max_user_creations: int,
         plc_url: str, dns_server: str | None, allow_private_addresses: bool, dsn: str | None,
         data_dir: str, log_level: str) -> None:
     """Run the pipeline over a replay file or a live Jetstream until the end or a signal.
@@ -198,6 +200,14 @@ def run(replay: str | None, jetstream: str | None, collections: tuple[str, ...],
     progress = Progress.for_terminal(replay is not None)
     supervisor = Supervisor(options, source, on_progress=progress.update)
     install_signal_handlers(supervisor)
+    if metrics_port:
+        from pipeline import metrics
+
+        try:
+            metrics.serve(metrics_port, metrics_addr, supervisor.summary,
+                          lambda: (source.name, supervisor.saved_cursor))
+        except OSError as exc:
+            fail(f"cannot serve metrics on {metrics_addr}:{metrics_port}: {exc.strerror}", RET_USAGE)
     try:
         summary = supervisor.run()
     except AlreadyRunning:
@@ -271,6 +281,10 @@ def upgrade(dsn: str | None, data_dir: str, log_level: str) -> None:
     with conn:
         applied = migrations.upgrade(conn)
     click.echo("applied " + ", ".join(applied) if applied else "schema is up to date")
+
+
+from pipeline.status import dead_letters, status  # noqa: E402  (imports the helpers above)
+main.add_command(status); main.add_command(dead_letters)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ class ShardFigures:
     pending_user_creations: int = 0
     peak_active_user_creations: int = 0
     peak_pending_user_creations: int = 0
+    pool_in_use: int = 0
+    pool_waiting: int = 0
+    refresher_backlog: int = 0
 
 
 @dataclass
@@ -41,8 +44,10 @@ class Summary:
     transactions: int
     progress: tuple[int, int | None]
     dead_reasons: dict[str, int] = field(default_factory=dict)
+    events_by_kind: dict[str, int] = field(default_factory=dict)
     identity: dict[str, int] = field(default_factory=dict)
     shards: list[ShardFigures] = field(default_factory=list)
+    latency: Histogram = field(default_factory=Histogram)
 
     @classmethod
     def collect(cls, *, source: str, events_read: int, committed: int, dead_letters: int,
@@ -52,10 +57,12 @@ class Summary:
         latency = Histogram()
         reasons: Counter[str] = Counter()
         identity: Counter[str] = Counter()
+        kinds: Counter[str] = Counter()
         figures = {k: ShardFigures(k) for k in current}
         for s in shard_stats:
             latency.merge(s.latency)
             reasons.update(s.dead_reasons)
+            kinds.update(s.events_by_kind)
             identity.update(s.identity)
             f = figures.setdefault(s.shard, ShardFigures(s.shard))
             f.committed += s.committed
@@ -65,9 +72,13 @@ class Summary:
             f.peak_pending_user_creations = max(f.peak_pending_user_creations,
                                                 s.peak_pending_user_creations)
         for k, s in current.items():
-            if s is not None:
-                figures[k].active_user_creations = s.active_user_creations
-                figures[k].pending_user_creations = s.pending_user_creations
+            if s is not None:  # gauges: the live process only
+                f = figures[k]
+                f.active_user_creations = s.active_user_creations
+                f.pending_user_creations = s.pending_user_creations
+                f.pool_in_use = s.pool.get("in_use", 0)
+                f.pool_waiting = s.pool.get("waiting", 0)
+                f.refresher_backlog = s.refresher_backlog
         p50, p99 = latency.quantile(0.5), latency.quantile(0.99)
         return cls(
             source=source, events_read=events_read, committed=committed,
@@ -81,12 +92,14 @@ class Summary:
             start_cursor=start_cursor, cursor=cursor, restarts=restarts,
             db_retries=sum(s.db_retries for s in shard_stats),
             transactions=sum(s.transactions for s in shard_stats),
-            progress=progress, dead_reasons=dict(reasons), identity=dict(identity),
-            shards=[figures[k] for k in sorted(figures)],
+            progress=progress, dead_reasons=dict(reasons), events_by_kind=dict(kinds),
+            identity=dict(identity), shards=[figures[k] for k in sorted(figures)], latency=latency,
         )
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        del out["latency"]
+        return out
 
     def render(self) -> str:
         """The closing summary, for people."""

@@ -255,15 +255,20 @@ class Supervisor:
         """Reader thread: chunks of lines, each with the position to resume from after it."""
         positions: list[int] = []
         lines: list[bytes] = []
+        started = time.monotonic()
         try:
-            for pos, raw in self.source.events(self.start_cursor):
-                positions.append(pos)
-                lines.append(raw)
-                if len(lines) >= CHUNK_LINES:
-                    self._put((time.monotonic(), positions, lines, self.source.next_position))
+            for item in self.source.events(self.start_cursor):
+                if item is not None:
+                    if not lines:
+                        started = time.monotonic()
+                    positions.append(item[0])
+                    lines.append(item[1])
+                if lines and (item is None or len(lines) >= CHUNK_LINES
+                              or time.monotonic() - started >= self.o.linger):
+                    self._put((started, positions, lines, self.source.next_position))
                     positions, lines = [], []
             if lines:
-                self._put((time.monotonic(), positions, lines, self.source.next_position))
+                self._put((started, positions, lines, self.source.next_position))
         except SourceError as exc:
             self.reader_error = exc
         except Exception as exc:  # reported by run(); the drain still saves what is committed

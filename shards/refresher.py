@@ -67,6 +67,7 @@ class Refresher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.late_offered = 0
+        self.backlog = 0  # incomplete users of this shard seen due at the last pass
         self.name = "refresher" if shard is None else f"refresher-{shard}"
 
     def offer(self, ident: Identity) -> None:
@@ -93,6 +94,7 @@ class Refresher:
     def run_pass(self, due_only: bool = True) -> RefreshResult:
         """Applies late results, then resolves every incomplete user (due ones only, by default)."""
         self._apply_late()
+        self.backlog = self._count_due()
         total = RefreshResult()
         seen: set[str] = set()
         while not self._stop.is_set():
@@ -110,6 +112,11 @@ class Refresher:
         if rows:
             with self._pool.connection() as conn, conn.cursor() as cur:
                 cur.executemany(_UPDATE + " AND incomplete", rows)
+
+    def _count_due(self) -> int:
+        with self._pool.connection() as conn:
+            row = conn.execute(f"SELECT count(*) FROM users WHERE incomplete{self._where}").fetchone()
+        return row[0] if row else 0
 
     def _select(self, due_only: bool) -> list[str]:
         due = " AND refresh_after <= now()" if due_only else ""

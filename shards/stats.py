@@ -54,7 +54,10 @@ class ShardStats:
     coalesced_events: int = 0
     late_resolutions: int = 0
     latency: Histogram = field(default_factory=Histogram)
+    events_by_kind: Counter[str] = field(default_factory=Counter)
     identity: dict[str, int] = field(default_factory=dict)
+    pool: dict[str, int] = field(default_factory=dict)
+    refresher_backlog: int = 0
 
     def gauges(self, active: int, pending: int) -> None:
         self.active_user_creations, self.pending_user_creations = active, pending

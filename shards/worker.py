@@ -151,7 +151,12 @@ class ShardWorker:
         self.stats.gauges(self.users.active, len(self.users.pending))
         self.stats.coalesced_events = self.users.coalesced
         self.stats.late_resolutions = self.refresher.late_offered
-        self.stats.identity = self.directory.stats() if hasattr(self.directory, "stats") else {}
+        self.stats.identity = self.directory.stats()
+        pool = self.pool.get_stats()
+        self.stats.pool = {"size": pool.get("pool_size", 0),
+                           "in_use": pool.get("pool_size", 0) - pool.get("pool_available", 0),
+                           "waiting": pool.get("requests_waiting", 0)}
+        self.stats.refresher_backlog = self.refresher.backlog
         return self.stats
 
     def _take(self, msg: tuple[Any, ...], changes: Changes, acks: Acks, events: list[Event]) -> None:
@@ -227,6 +232,7 @@ class ShardWorker:
                 break
         now = time.monotonic()
         self.stats.transactions += 1
+        self.stats.events_by_kind.update(ev.kind for ev in events)
         for batch_id, (committed, dead) in acks.batches.items():
             self.stats.committed += len(committed)
             self.stats.dead_letters += len(dead)
@@ -254,6 +260,7 @@ class ShardWorker:
                     committed.remove(ev.idx)
                     dead.append(ev.idx)
                     self.stats.dead_reasons["rejected by database"] += 1
+                    self.stats.events_by_kind[ev.kind] -= 1
 
 
 def main(config: WorkerConfig, conn: Connection) -> None:

@@ -10,7 +10,8 @@ class SourceError(Exception):
 
 
 class Source(Protocol):
-    """Yields `(position, raw)` pairs; positions never decrease.
+    """Yields `(position, raw)` pairs; positions never decrease. A live source may yield None
+    when it has nothing new for a moment, so that what was read is not held back.
 
     The supervisor saves as cursor the low watermark: the position of the first event that is
     not yet committed, or `next_position` once everything read so far is committed."""
@@ -21,7 +22,7 @@ class Source(Protocol):
     resumable: bool
     """Whether a saved cursor can be used to start reading part-way."""
 
-    def events(self, cursor: int | None) -> Iterator[tuple[int, bytes]]:
+    def events(self, cursor: int | None) -> Iterator[tuple[int, bytes] | None]:
         """Reads from the saved cursor (None: from the start or live tail) until the end or close()."""
         ...
 

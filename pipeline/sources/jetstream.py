@@ -130,7 +130,7 @@ class JetstreamSource:
         open_timeout."""
         self._stop.set()
 
-    def events(self, cursor: int | None) -> Iterator[tuple[int, bytes]]:
+    def events(self, cursor: int | None) -> Iterator[tuple[int, bytes] | None]:
         """Yields `(position, raw)` from `cursor - rewind` (None or <= 0: live tail)."""
         if cursor is not None and cursor > 0:
             self._position = cursor
@@ -161,7 +161,7 @@ class JetstreamSource:
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _session(self, resume: int | None) -> Generator[tuple[int, bytes], None, str | None]:
+    def _session(self, resume: int | None) -> Generator[tuple[int, bytes] | None, None, str | None]:
         """One connection's events; returns why it must be replaced, or None when finished
         (close() called or stop_at_time_us reached)."""
         self.stats.last_cursor = resume
@@ -181,6 +181,7 @@ class JetstreamSource:
                 except TimeoutError:
                     if time.monotonic() - last_message >= self._read_timeout:
                         return f"no message for {self._read_timeout:g} s"
+                    yield None  # idle: the reader hands on what it holds
                     continue
                 except ConnectionClosed as exc:
                     return f"connection closed: {exc}"

@@ -1,0 +1,426 @@
+"""`pipeline status` and `pipeline dead-letters`: what an operator asks of the database.
+
+Both read the tables the pipeline writes and take the same database (and, for the retry,
+identity) options as `run`, so PIPELINE_* variables mean the same thing everywhere."""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+import click
+import psycopg
+
+from pipeline.cli import (
+    RET_DATABASE,
+    _short,
+    common_options,
+    database_options,
+    fail,
+    identity_config,
+    identity_options,
+    open_database,
+    opt,
+    resolve_dsn,
+    setup_logging,
+)
+from pipeline.routing import sql_shard_expr
+
+RECORD_TABLES = ("posts", "likes", "reposts", "follows", "blocks", "records")
+RAW_PREVIEW_CHARS = 80
+_FINGERPRINT_BYTES = 64 * 1024  # what FileSource hashes into a replay cursor's name
+
+
+# ----- status ---------------------------------------------------------------------------------
+
+@dataclass
+class CursorInfo:
+    """One saved cursor, with how far behind (jetstream) or how far through (replay) it is."""
+
+    name: str
+    cursor: int
+    updated_at: str
+    kind: str  # "jetstream", "replay" or "other"
+    lag_seconds: float | None = None  # jetstream: now - cursor time
+    file_size: int | None = None  # replay: size of the file that is still at the path
+    percent: float | None = None  # replay: cursor / file_size
+    note: str | None = None  # why a replay cursor has no percentage
+
+
+@dataclass
+class ShardInfo:
+    """Rows owned by one shard (by DID), so skew between shards shows."""
+
+    shard: int
+    users: int = 0
+    tables: dict[str, int] = field(default_factory=lambda: {t: 0 for t in RECORD_TABLES})
+
+    @property
+    def total(self) -> int:
+        """Rows of every record table (`records` is itself one of them)."""
+        return sum(self.tables.values())
+
+
+@dataclass
+class Status:
+    cursors: list[CursorInfo]
+    incomplete_users: int
+    incomplete_due: int
+    dead_letters: dict[str, int]
+    dead_letters_total: int
+    shards: list[ShardInfo]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "cursors": [asdict(c) for c in self.cursors],
+            "incomplete_users": {"total": self.incomplete_users, "due": self.incomplete_due},
+            "dead_letters": {"total": self.dead_letters_total, "by_reason": self.dead_letters},
+            "shards": [{"shard": s.shard, "users": s.users, **s.tables, "total": s.total}
+                       for s in self.shards],
+        }
+
+
+def reason_of(error: str) -> str:
+    """The dead-letter reason without its details: the text up to the first ':'."""
+    return error.split(":", 1)[0].strip()
+
+
+def replay_progress(name: str, offset: int) -> tuple[int | None, float | None, str | None]:
+    """Size and percentage for a `replay:/abs/path#fingerprint` cursor, if the file is still there.
+
+    Offsets count uncompressed bytes, so a gzip file has no honest percentage; a file whose head
+    no longer matches the fingerprint is a different file and gets none either."""
+    rest = name[len("replay:"):]
+    path, _, fingerprint = rest.rpartition("#")
+    if not path or not os.path.isabs(path):
+        return None, None, "not a file"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_FINGERPRINT_BYTES)
+        size = os.path.getsize(path)
+    except OSError:
+        return None, None, "file gone"
+    if fingerprint and hashlib.sha256(head).hexdigest()[:len(fingerprint)] != fingerprint:
+        return size, None, "file changed"
+    if head[:2] == b"\x1f\x8b":
+        return size, None, "gzip: offset is uncompressed"
+    return size, (100.0 * offset / size if size else 100.0), None
+
+
+def cursor_info(name: str, cursor: int, updated_at: datetime, now: float) -> CursorInfo:
+    info = CursorInfo(name, cursor, updated_at.isoformat(), "other")
+    if name.startswith("jetstream:"):
+        info.kind = "jetstream"
+        info.lag_seconds = round(now - cursor / 1e6, 3)
+    elif name.startswith("replay:"):
+        info.kind = "replay"
+        info.file_size, info.percent, info.note = replay_progress(name, cursor)
+        if info.percent is not None:
+            info.percent = round(info.percent, 2)
+    return info
+
+
+def collect(conn: psycopg.Connection, shards: int) -> Status:
+    """Every figure in a handful of aggregate queries, one read-only snapshot."""
+    now = time.time()
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        cursors = [cursor_info(n, c, u, now) for n, c, u in conn.execute(
+            "SELECT name, cursor, updated_at FROM cursors ORDER BY name")]
+        incomplete, due = conn.execute(
+            "SELECT count(*), count(*) FILTER (WHERE refresh_after <= now())"
+            " FROM users WHERE incomplete").fetchone()
+        reasons: dict[str, int] = {}
+        for reason, n in conn.execute(
+                "SELECT split_part(error, ':', 1) AS reason, count(*) FROM dead_letters"
+                " GROUP BY reason ORDER BY count(*) DESC, reason"):
+            reasons[reason.strip()] = reasons.get(reason.strip(), 0) + n
+        by_shard = {k: ShardInfo(k) for k in range(shards)}
+        users_sql = f"SELECT {sql_shard_expr('did', shards)} AS s, count(*) FROM users GROUP BY s"
+        for k, n in conn.execute(users_sql):
+            by_shard[k].users = n
+        for table in RECORD_TABLES:
+            # Count per author first (an index-only scan on author_did), then hash each
+            # author once rather than each row.
+            sql = (f"SELECT {sql_shard_expr('author_did', shards)} AS s, sum(n)::bigint"
+                   f" FROM (SELECT author_did, count(*) AS n FROM {table} GROUP BY author_did) a"
+                   f" GROUP BY s")
+            for k, n in conn.execute(sql):
+                by_shard[k].tables[table] = n
+    return Status(cursors, incomplete, due, reasons, sum(reasons.values()),
+                  [by_shard[k] for k in range(shards)])
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 0:
+        return f"{seconds:.1f}s (ahead)"
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    minutes, sec = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return f"{days}d {hours}h {minutes}m"
+    return f"{hours}h {minutes}m {sec}s" if hours else f"{minutes}m {sec}s"
+
+
+def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        out = [str(c).rjust(w) if i in right else str(c).ljust(w)
+               for i, (c, w) in enumerate(zip(cells, widths))]
+        return "  ".join(out).rstrip()
+
+    return [line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)]
+
+
+def render(status: Status) -> str:
+    out: list[str] = ["cursors"]
+    if status.cursors:
+        rows = []
+        for c in status.cursors:
+            if c.kind == "jetstream":
+                progress = f"lag {_duration(c.lag_seconds or 0.0)}"
+            elif c.kind == "replay":
+                progress = f"byte {c.cursor}"
+                if c.percent is not None:
+                    progress += f" of {c.file_size} ({c.percent:.1f}%)"
+                elif c.note:
+                    progress += f" ({c.note})"
+            else:
+                progress = ""
+            rows.append([c.name, str(c.cursor), c.updated_at[:19].replace("T", " "), progress])
+        out += ["  " + s for s in _table(["name", "value", "updated", "progress"], rows, {1})]
+    else:
+        out.append("  (none)")
+    out += ["", f"incomplete users  {status.incomplete_users} ({status.incomplete_due} due for refresh)",
+            "", f"dead letters      {status.dead_letters_total}"]
+    for reason, n in status.dead_letters.items():
+        out.append(f"  {n:>8}  {reason}")
+    header = ["shard", "users", *RECORD_TABLES, "total"]
+    rows = [[str(s.shard), str(s.users), *(str(s.tables[t]) for t in RECORD_TABLES),
+             str(s.total)] for s in status.shards]
+    rows.append(["all", str(sum(s.users for s in status.shards)),
+                 *(str(sum(s.tables[t] for s in status.shards)) for t in RECORD_TABLES),
+                 str(sum(s.total for s in status.shards))])
+    out += ["", f"per shard (of {len(status.shards)}, by DID)"]
+    out += ["  " + s for s in _table(header, rows, set(range(1, len(header))))]
+    return "\n".join(out)
+
+
+@click.command("status")
+@opt("--shards", type=click.IntRange(min=1, max=1024), default=4, show_default=True,
+     help="Shard count to group users and records by (as given to run).")
+@opt("--json", "as_json", is_flag=True, default=False, help="Print the figures as JSON.")
+@database_options
+@common_options
+def status(shards: int, as_json: bool, dsn: str | None, data_dir: str, log_level: str) -> None:
+    """Cursors and lag, incomplete users, dead letters by reason, rows per shard."""
+    setup_logging(log_level)
+    dsn = resolve_dsn(dsn, data_dir)
+    conn = open_database(dsn)
+    try:
+        figures = collect(conn, shards)
+    except psycopg.Error as exc:
+        fail(f"database error: {_short(exc)}", RET_DATABASE)
+    finally:
+        conn.close()
+    if as_json:
+        import orjson
+
+        click.echo(orjson.dumps(figures.as_dict(), option=orjson.OPT_INDENT_2).decode())
+    else:
+        click.echo(render(figures))
+
+
+# ----- dead letters ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One row of dead_letters, raw bytes and all."""
+
+    id: int
+    source: str
+    position: int
+    error: str
+    created_at: datetime
+    raw: bytes
+
+
+@dataclass
+class RetryResult:
+    """What a retry did: `committed` left dead_letters, `still_bad` stayed (maybe re-reasoned)."""
+
+    retried: int = 0
+    committed: int = 0
+    still_bad: int = 0
+    users_created: int = 0
+    users_fallback: int = 0
+    gone: int = 0  # deleted by someone else meanwhile
+
+
+def preview(raw: bytes, chars: int = RAW_PREVIEW_CHARS) -> str:
+    """The start of a raw line, safe for a terminal: bad UTF-8 and control characters escaped."""
+    text = raw[:chars * 4].decode("utf-8", errors="backslashreplace")
+    safe = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+    return safe[:chars] + ("..." if len(safe) > chars or len(raw) > chars * 4 else "")
+
+
+_SELECT = "SELECT id, source, position, error, created_at, raw FROM dead_letters"
+
+
+def _source_filter(source: str | None) -> tuple[str, tuple[Any, ...]]:
+    """A source given with or without its `#fingerprint`."""
+    if source is None:
+        return "", ()
+    return " WHERE (source = %s OR starts_with(source, %s))", (source, source + "#")
+
+
+def fetch(conn: psycopg.Connection, source: str | None, limit: int) -> tuple[list[DeadLetter], int]:
+    """The oldest dead letters in source order, and how many match in all."""
+    where, params = _source_filter(source)
+    total = conn.execute(f"SELECT count(*) FROM dead_letters{where}", params).fetchone()[0]
+    lim = f" LIMIT {int(limit)}" if limit else ""
+    rows = conn.execute(f"{_SELECT}{where} ORDER BY source, position, id{lim}", params).fetchall()
+    return [DeadLetter(r[0], r[1], r[2], r[3], r[4], bytes(r[5])) for r in rows], total
+
+
+def resolve_users(directory: Any, dids: list[str], slots: int,
+                  timeout: float) -> dict[str, tuple[Any, ...]]:
+    """Users rows for new authors, each resolution bounded by `timeout`, with no DB connection.
+
+    The shards' own UserCreations does the work, so the fallback (DID as handle, incomplete)
+    and the partial answer (claimed handle, unverified) are exactly those of a run."""
+    from shards.users import UserCreations
+
+    wake = threading.Event()
+    creations = UserCreations(directory, max(1, min(slots, len(dids))), timeout, wake.set,
+                              lambda _ident: None)  # late answers: the refresher's job
+    started = time.monotonic()
+    for did in dids:
+        creations.begin(did, started)
+    rows: dict[str, tuple[Any, ...]] = {}
+    while creations.pending:
+        wake.clear()
+        for pending, user in creations.settle_due(time.monotonic()):
+            rows[pending.did] = user.row()
+        if creations.pending:
+            deadline = creations.next_deadline()
+            wake.wait(0.5 if deadline is None else max(0.0, deadline - time.monotonic()))
+    return rows
+
+
+def retry_letters(dsn: str, letters: list[DeadLetter], directory_factory: Callable[[], Any],
+                  slots: int, timeout: float) -> RetryResult:
+    """Feeds dead letters through decode and write again; whatever still fails stays put."""
+    from shards.events import BadEvent, decode
+    from shards.store.writes import Changes, prepare_connection, write
+
+    result = RetryResult(retried=len(letters))
+    good: list[tuple[DeadLetter, Any]] = []
+    reasons: list[tuple[str, int]] = []
+    for letter in letters:
+        try:
+            good.append((letter, decode(letter.raw, 0, 0, letter.position)))
+        except BadEvent as exc:
+            result.still_bad += 1
+            if str(exc) != letter.error:
+                reasons.append((str(exc), letter.id))
+    authors = sorted({ev.did for _, ev in good})
+    with psycopg.connect(dsn, application_name="pipeline") as conn:
+        if reasons:
+            conn.cursor().executemany("UPDATE dead_letters SET error = %s WHERE id = %s", reasons)
+        known = {r[0] for r in conn.execute(
+            "SELECT did FROM users WHERE did = ANY(%s)", (authors,))} if authors else set()
+    missing = [d for d in authors if d not in known]
+    new_users = resolve_users(directory_factory(), missing, slots, timeout) if missing else {}
+    with psycopg.connect(dsn, application_name="pipeline") as conn:
+        prepare_connection(conn)
+        for letter, ev in good:
+            changes = Changes()
+            user = new_users.get(ev.did)
+            if user is not None:
+                changes.users.append(user)
+            changes.add(ev)
+            try:
+                with conn.transaction():
+                    # Claim the row first: a concurrent retry that got here earlier wins.
+                    if conn.execute("DELETE FROM dead_letters WHERE id = %s",
+                                    (letter.id,)).rowcount == 0:
+                        result.gone += 1
+                        continue
+                    write(conn, changes)
+            except psycopg.OperationalError:
+                raise
+            except psycopg.Error as exc:
+                result.still_bad += 1
+                reason = f"rejected by database: {str(exc).strip().splitlines()[0]}"
+                conn.execute("UPDATE dead_letters SET error = %s WHERE id = %s", (reason, letter.id))
+                conn.commit()
+                continue
+            result.committed += 1
+            if user is not None:  # written with this event: later ones of the DID need not
+                del new_users[ev.did]
+                result.users_created += 1
+                result.users_fallback += user[1] == user[0]
+    return result
+
+
+@click.command("dead-letters")
+@opt("--source", default=None, metavar="NAME",
+     help="Only this source (a cursor name, e.g. replay:/abs/path#fingerprint; the #fingerprint "
+          "may be left out).")
+@opt("--limit", type=click.IntRange(min=0), default=100, show_default=True,
+     help="At most this many, oldest first in source order (0: all).")
+@opt("--retry", is_flag=True, default=False,
+     help="Feed them through again: those that now decode and commit leave the table.")
+@identity_options
+@database_options
+@common_options
+def dead_letters(source: str | None, limit: int, retry: bool, resolve_timeout: float,
+                 max_user_creations: int, plc_url: str, dns_server: str | None,
+                 allow_private_addresses: bool, dsn: str | None, data_dir: str,
+                 log_level: str) -> None:
+    """List dead letters, or retry them after a fix (a code change or a repaired line)."""
+    setup_logging(log_level)
+    dsn = resolve_dsn(dsn, data_dir)
+    # Checked before any work, so a bad --plc-url is a usage error, not a half-done retry.
+    config = identity_config(plc_url, dns_server, allow_private_addresses, resolve_timeout) \
+        if retry else None
+    conn = open_database(dsn)
+    try:
+        letters, total = fetch(conn, source, limit)
+    except psycopg.Error as exc:
+        fail(f"database error: {_short(exc)}", RET_DATABASE)
+    finally:
+        conn.close()
+    more = total - len(letters)
+    if not retry:
+        for d in letters:
+            click.echo(f"#{d.id}  {d.source}  @{d.position}  "
+                       f"{d.created_at.isoformat(timespec='seconds')}  {preview(d.error.encode(), 200)}")
+            click.echo(f"    {preview(d.raw)}")
+        click.echo(f"{len(letters)} dead letters shown" + (f", {more} more (raise --limit)" if more else ""))
+        return
+    from shards.identity import build_directory
+
+    try:
+        result = retry_letters(dsn, letters, lambda: build_directory(config), max_user_creations,
+                               resolve_timeout)
+    except psycopg.Error as exc:
+        fail(f"database error: {_short(exc)}", RET_DATABASE)
+    click.echo(f"retried {result.retried}: {result.committed} committed, "
+               f"{result.still_bad} still bad"
+               + (f", {result.gone} already gone" if result.gone else "")
+               + f"; {result.users_created} users created"
+               + (f" ({result.users_fallback} with the DID as handle)" if result.users_fallback else "")
+               + (f"; {more} more not retried (raise --limit)" if more else ""))
+

@@ -1,0 +1,45 @@
+"""The benchmark harness runs end to end on a small replay and reports sane figures."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import psycopg
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_bench_runs_end_to_end_and_reports_sane_figures(server_dsn: str, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
+    budget = 20
+    proc = subprocess.run(
+        [sys.executable, "-m", "tools.bench", "--events", "3000", "--dids", "300", "--runs", "1",
+         "--shards", "2", "--pool-budget", str(budget), "--dsn", server_dsn,
+         "--data", str(tmp_path / "data"), "--json", str(out)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "run 1/1:" in proc.stdout and "median of 1:" in proc.stdout, proc.stdout
+
+    report = orjson.loads(out.read_bytes())
+    (run,) = report["runs"]
+    assert run["events_read"] == 3000
+    assert run["committed"] + run["dead_letters"] == 3000
+    assert run["events_per_second"] > 0
+    assert run["latency_p50_ms"] is not None and run["latency_p50_ms"] >= 0
+    assert run["latency_p99_ms"] >= run["latency_p50_ms"]
+    assert 1 <= run["max_connections"] <= budget
+    assert run["copy_rows"] == 3000 and run["copy_rows_per_second"] > 0
+    assert run["ratio"] > 0
+    assert run["supervisor_peak_rss_mb"] > 0 and run["max_worker_peak_rss_mb"] > 0
+    assert run["workers_seen"] == 2
+    assert report["medians"]["events_per_second"] == run["events_per_second"]
+
+    # The generated files are cached, and the run's database is gone.
+    assert (tmp_path / "data" / "events-3000-300-0.jsonl").exists()
+    with psycopg.connect(server_dsn) as conn:
+        left = conn.execute("SELECT count(*) FROM pg_database WHERE datname LIKE 'bench\\_%'")
+        assert left.fetchone()[0] == 0
