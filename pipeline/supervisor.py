@@ -32,7 +32,7 @@ from shards.worker import main as worker_main
 
 log = logging.getLogger("pipeline")
 
-CHUNK_LINES = 2000
+CHUNK_LINES = 1000
 CURSOR_EVERY = 1.0
 READY_TIMEOUT = 60.0
 
@@ -49,8 +49,8 @@ class RunOptions:
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     batch_size: int = 1000
     linger: float = 0.05
-    max_inflight: int = 4
-    max_retained: int = 64
+    max_inflight: int = 2
+    max_open_events: int = 20_000  # per shard: sent but not yet committed
     from_start: bool = False
     refresh_interval: float = 30.0
     log_level: str = "WARNING"
@@ -71,6 +71,17 @@ class Batch:
     def __post_init__(self) -> None:
         self.done = bytearray(len(self.lines))
         self.remaining = len(self.lines)
+
+    def settle(self, idxs: list[int]) -> int:
+        """Marks events committed (their lines are no longer needed); returns how many were new."""
+        new = 0
+        for i in idxs:
+            if not self.done[i]:
+                self.done[i] = 1
+                self.lines[i] = b""
+                new += 1
+        self.remaining -= new
+        return new
 
     def first_open(self) -> int:
         """Position of the first event not yet committed."""
@@ -108,6 +119,7 @@ class ShardProcess:
     restarts: int = 0
     inflight: set[int] = field(default_factory=set)
     retained: dict[int, Batch] = field(default_factory=dict)
+    open_events: int = 0
     buffer: Buffer = field(default_factory=Buffer)
     stats: ShardStats | None = None
     past: list[ShardStats] = field(default_factory=list)
@@ -134,7 +146,7 @@ class Supervisor:
         self.slots = max(1, options.max_user_creations // options.shards)
         self.ctx = mp.get_context("spawn")
         self.shards = [ShardProcess(k) for k in range(options.shards)]
-        self.chunks: queue.Queue[tuple[float, list[int], list[bytes], int] | None] = queue.Queue(16)
+        self.chunks: queue.Queue[tuple[float, list[int], list[bytes], int] | None] = queue.Queue(4)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -306,7 +318,7 @@ class Supervisor:
 
     def _can_send(self, sp: ShardProcess) -> bool:
         return (sp.conn is not None and len(sp.inflight) < self.o.max_inflight
-                and len(sp.retained) < self.o.max_retained)
+                and sp.open_events < self.o.max_open_events)
 
     def _flush(self, final: bool = False) -> None:
         now = time.monotonic()
@@ -321,6 +333,7 @@ class Supervisor:
                 del buf.positions[:n], buf.lines[:n]
                 self.next_batch += 1
                 sp.retained[batch.id] = batch
+                sp.open_events += batch.remaining
                 self._send(sp, batch)
 
     def _send(self, sp: ShardProcess, batch: Batch) -> None:
@@ -367,16 +380,10 @@ class Supervisor:
                 batch = sp.retained.get(batch_id)
                 if batch is None:
                     continue
-                for i in committed:
-                    if not batch.done[i]:
-                        batch.done[i] = 1
-                        batch.remaining -= 1
-                        self.committed += 1
-                for i in dead:
-                    if not batch.done[i]:
-                        batch.done[i] = 1
-                        batch.remaining -= 1
-                        self.dead += 1
+                before = batch.remaining
+                self.committed += batch.settle(committed)
+                self.dead += batch.settle(dead)
+                sp.open_events -= before - batch.remaining
                 if batch.remaining == 0:
                     del sp.retained[batch_id]
         elif kind == "stats":

@@ -13,6 +13,9 @@ KINDS = ("commit", "identity", "account")
 OPERATIONS = ("create", "update", "delete")
 
 
+_COLLECTIONS: set[str] = set()  # collections already found valid
+
+
 class BadEvent(ValueError):
     """The line cannot be applied; the message is the dead-letter reason."""
 
@@ -84,8 +87,12 @@ def decode(raw: bytes, batch: int, idx: int, position: int) -> Event:
         op = commit.get("operation")
         if op not in OPERATIONS:
             raise BadEvent("commit with missing or unknown operation")
-        if not is_nsid(commit.get("collection")):
-            raise BadEvent("commit with missing or invalid collection")
+        collection = commit.get("collection")
+        if collection not in _COLLECTIONS:
+            if not is_nsid(collection):
+                raise BadEvent("commit with missing or invalid collection")
+            if len(_COLLECTIONS) < 10_000:  # a handful in practice; bounded all the same
+                _COLLECTIONS.add(collection)
         if not is_record_key(commit.get("rkey")):
             raise BadEvent("commit with missing or invalid rkey")
         event.operation, event.collection, event.rkey = op, commit["collection"], commit["rkey"]

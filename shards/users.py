@@ -151,6 +151,8 @@ class UserCreations:
 
     def _resolve(self, pending: Pending) -> Identity:
         with self._slots:
+            if pending.settled:  # its deadline passed while queued: leave it to the refresher
+                raise TimeoutError(pending.did)
             with self._lock:
                 self.active += 1
             try:

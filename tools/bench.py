@@ -263,16 +263,37 @@ def _cpu_of(pid: int) -> float:
     return t.user + t.system
 
 
+def _split(before: Any, after: Any) -> tuple[float, float]:
+    """Machine-wide (total, idle) CPU seconds between two psutil.cpu_times() readings."""
+    def total(t: Any) -> float:  # guest time is already counted in user and nice
+        return sum(getattr(t, f) for f in t._fields if f not in ("guest", "guest_nice"))
+
+    def idle(t: Any) -> float:
+        return t.idle + getattr(t, "iowait", 0.0)
+
+    return total(after) - total(before), idle(after) - idle(before)
+
+
 def _busy(before: Any, after: Any) -> float:
-    total = sum(after) - sum(before)
-    idle = (after.idle + getattr(after, "iowait", 0.0)) - (before.idle + getattr(before, "iowait", 0.0))
+    total, idle = _split(before, after)
     return max(0.0, 1.0 - idle / total) if total > 0 else 0.0
 
 
 def _busy_seconds(before: Any, after: Any) -> float:
-    total = sum(after) - sum(before)
-    idle = (after.idle + getattr(after, "iowait", 0.0)) - (before.idle + getattr(before, "iowait", 0.0))
+    total, idle = _split(before, after)
     return max(0.0, total - idle)
+
+
+def _backend_cpu(pid: int) -> float:
+    """CPU seconds of a PostgreSQL backend when the server runs on this machine, else 0."""
+    try:
+        p = psutil.Process(pid)
+        if not p.name().startswith("postgres"):
+            return 0.0  # a remote server: this pid is somebody else here
+        t = p.cpu_times()
+    except psutil.Error:
+        return 0.0
+    return t.user + t.system
 
 
 def _is_worker(p: psutil.Process) -> bool:
@@ -401,7 +422,7 @@ def run_once(i: int, *, server_dsn: str, files: DataFiles, n_events: int, shards
                     max_conn = max(max_conn, sum(1 for _pid, ours in activity if ours))
                     for pid, ours in activity:
                         if ours:
-                            backend_cpu[pid] = max(backend_cpu.get(pid, 0.0), _cpu_of(pid))
+                            backend_cpu[pid] = max(backend_cpu.get(pid, 0.0), _backend_cpu(pid))
                     for p in [sup, *children.descendants(proc)]:
                         try:
                             rss = max(p.memory_info().rss, _hwm(p.pid))

@@ -151,9 +151,10 @@ def write(conn: psycopg.Connection, changes: Changes) -> None:
     with conn.transaction(), conn.cursor() as cur:
         if changes.users:
             _copy(cur, "stage_users", USER_COLUMNS, changes.users)
-            cur.execute(
-                f"INSERT INTO users ({', '.join(USER_COLUMNS)})"
-                f" SELECT {', '.join(USER_COLUMNS)} FROM stage_users ON CONFLICT (did) DO NOTHING"
+            cur.execute(  # the refresher first looks at an incomplete user after a minute
+                f"INSERT INTO users ({', '.join(USER_COLUMNS)}, refresh_after)"
+                f" SELECT {', '.join(USER_COLUMNS)}, now() + interval '1 minute' FROM stage_users"
+                " ON CONFLICT (did) DO NOTHING"
             )
         for table, uris in changes.deletes.items():
             if uris:
