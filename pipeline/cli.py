@@ -11,6 +11,7 @@ import click
 import psycopg
 
 from pipeline import embedded
+from pipeline.logs import FORMATS, configure
 
 RET_OK = 0
 RET_ERROR = 1
@@ -38,7 +39,7 @@ def fail(message: str, code: int) -> None:
 
 def _short(exc: BaseException) -> str:
     text = str(exc).strip()
-    return text.splitlines()[-1] if text else type(exc).__name__
+    return text.splitlines()[0].strip() if text else type(exc).__name__
 
 
 def database_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -67,15 +68,52 @@ def identity_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def transport_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return opt("--transport", default="local", show_default=True, metavar="local|redis://HOST:PORT/DB",
+               help="How batches reach the shard workers: child processes (local), or Redis "
+                    "Streams read by `pipeline worker` processes on any machine.")(f)
+
+
+def redis_transport(value: str) -> str | None:
+    """None for local; for a redis:// URL, the URL once Redis answers (else exit 1)."""
+    from pipeline.transport import parse_transport
+
+    try:
+        url = parse_transport(value)
+    except ValueError as exc:
+        fail(str(exc), RET_USAGE)
+    if url is None:
+        return None
+    import redis
+
+    from pipeline.transport.redis import connect, describe
+
+    try:
+        client = connect(url)
+        client.ping()
+        client.close()
+    except (redis.RedisError, ValueError) as exc:
+        fail(f"cannot reach Redis at {describe(url)}: {_short(exc)}", RET_ERROR)
+    return url
+
+
 def common_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = opt("--log-format", type=click.Choice(FORMATS), default="text", show_default=True,
+            expose_value=False, is_eager=True,
+            callback=lambda ctx, _param, value: ctx.meta.__setitem__("log_format", value),
+            help="text for people, json for log collectors (one object a line).")(f)
     f = opt("--log-level", default="INFO", show_default=True,
             type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))(f)
     return f
 
 
+def log_format() -> str:
+    ctx = click.get_current_context(silent=True)
+    return ctx.meta.get("log_format", "text") if ctx is not None else "text"
+
+
 def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("psycopg").setLevel(max(logging.WARNING, logging.getLogger().level))
+    configure(level, log_format())
     unknown = sorted(k for k in os.environ if k.startswith("PIPELINE_") and k not in _KNOWN_ENV)
     for name in unknown:
         log.warning("unknown environment variable %s is ignored", name)
@@ -149,12 +187,18 @@ def main() -> None:
      help="Address the metrics endpoint listens on (0.0.0.0: every interface).")
 @opt("--summary-json", type=click.Path(dir_okay=False, writable=True), default=None,
      help="Also write the closing summary as JSON to this file.")
+@transport_option
+@opt("--stream-limit", type=click.IntRange(min=1), default=200, show_default=True,
+     metavar="BATCHES",
+     help="With a redis:// transport: most batches waiting in a shard's stream; the reader waits "
+          "while a stream is that long (nothing unprocessed is ever trimmed).")
 @identity_options
 @database_options
 @common_options
 def run(replay: str | None, jetstream: str | None, collections: tuple[str, ...], shards: int,
         pool_budget: int, batch_size: int, from_start: bool, metrics_port: int,
-        metrics_addr: str, summary_json: str | None, resolve_timeout: float, max_user_creations: int,
+        metrics_addr: str, summary_json: str | None, transport: str, stream_limit: int,
+        resolve_timeout: float, max_user_creations: int,
         plc_url: str, dns_server: str | None, allow_private_addresses: bool, dsn: str | None,
         data_dir: str, log_level: str) -> None:
     """Run the pipeline over a replay file or a live Jetstream until the end or a signal.
@@ -164,6 +208,7 @@ def run(replay: str | None, jetstream: str | None, collections: tuple[str, ...],
       pipeline run --replay events.jsonl.gz --shards 8 --dsn postgresql://localhost/bsky
       pipeline run --jetstream wss://jetstream1.us-east.bsky.network/subscribe
       * * * * * pipeline run --replay /data/today.jsonl.gz   (crontab: one run at a time)
+      pipeline run --replay events.jsonl --transport redis://queue:6379/0   (workers elsewhere)
     """
     from pipeline.sources.base import SourceError
     from pipeline.supervisor import AlreadyRunning, RunOptions, Supervisor, install_signal_handlers
@@ -172,6 +217,7 @@ def run(replay: str | None, jetstream: str | None, collections: tuple[str, ...],
     setup_logging(log_level)
     if bool(replay) == bool(jetstream):
         fail("give exactly one of --replay PATH or --jetstream URL", RET_USAGE)
+    redis_url = redis_transport(transport)
     try:
         Budget(pool_budget, shards).per_shard()
     except BudgetError as exc:
@@ -194,6 +240,8 @@ def run(replay: str | None, jetstream: str | None, collections: tuple[str, ...],
         resolve_timeout=resolve_timeout,
         identity=identity_config(plc_url, dns_server, allow_private_addresses, resolve_timeout),
         batch_size=batch_size, from_start=from_start, log_level=log_level.upper(),
+        log_format=log_format(),
+        transport=redis_url or "local", stream_limit=stream_limit,
     )
     from pipeline.progress import Progress
 
@@ -258,6 +306,130 @@ def refresh_users(due_only: bool, resolve_timeout: float, max_user_creations: in
         left = conn.execute("SELECT count(*) FROM users WHERE incomplete").fetchone()[0]
     click.echo(f"checked {result.checked} users: {result.completed} completed, "
                f"{result.failed} still incomplete; {left} incomplete in all")
+
+
+@main.command()
+@opt("--shard", type=click.IntRange(min=0), required=True, metavar="K",
+     help="The shard this worker serves (0 to N-1).")
+@opt("--shards", type=click.IntRange(min=1, max=1024), required=True, metavar="N",
+     help="Shards of the pipeline: the supervisor's --shards.")
+@opt("--transport", required=True, metavar="redis://HOST:PORT/DB",
+     help="The Redis the supervisor (`pipeline run --transport ...`) appends batches to.")
+@opt("--pool-size", type=click.IntRange(min=1), default=None, metavar="P",
+     help="Database connections of this worker. Default: (--pool-budget - 1) / --shards, as each "
+          "shard gets in a local run.")
+@opt("--pool-budget", type=click.IntRange(min=2), default=200, show_default=True,
+     help="Connections of the whole pipeline, supervisor (1) included; sizes --pool-size.")
+@opt("--lock-ttl", type=click.FloatRange(min=1), default=15.0, show_default=True,
+     metavar="SECONDS",
+     help="Lifetime of the shard's lock, renewed every third of it: how long a killed worker's "
+          "shard stays locked before a new worker can take over its pending entries.")
+@identity_options
+@database_options
+@common_options
+def worker(shard: int, shards: int, transport: str, pool_size: int | None, pool_budget: int,
+           lock_ttl: float, resolve_timeout: float, max_user_creations: int, plc_url: str,
+           dns_server: str | None, allow_private_addresses: bool, dsn: str | None, data_dir: str,
+           log_level: str) -> None:
+    """One shard worker fed over Redis Streams, until SIGTERM/SIGINT (drains, then exits 0).
+
+    Exits 0 at once when shard K already has a live worker, so cron can start it every minute.
+    On start it takes over the entries a dead worker of the shard left pending.
+
+    \b
+    Example (crontab on a worker machine, one line per shard):
+      * * * * * pipeline worker --shard 0 --shards 4 --transport redis://queue:6379/0 --dsn ...
+    """
+    import dataclasses
+    import signal
+
+    from shards.store.pool import Budget, BudgetError
+
+    setup_logging(log_level)
+    state: dict[str, Any] = {"stop": False, "link": None}
+
+    def first(signum: int, _frame: object) -> None:
+        log.warning("shard %d: received %s: draining, then exiting", shard,
+                    signal.Signals(signum).name)
+        state["stop"] = True
+        if state["link"] is not None:
+            import threading
+
+            threading.Thread(target=state["link"].stop, daemon=True).start()
+        signal.signal(signal.SIGINT, second)
+        signal.signal(signal.SIGTERM, second)
+
+    def second(_signum: int, _frame: object) -> None:
+        os._exit(130)
+
+    signal.signal(signal.SIGINT, first)
+    signal.signal(signal.SIGTERM, first)
+    if shard >= shards:
+        fail(f"--shard {shard} is not below --shards {shards}", RET_USAGE)
+    if pool_size is None:
+        try:
+            pool_size = Budget(pool_budget, shards).per_shard()
+        except BudgetError as exc:
+            fail(str(exc), RET_USAGE)
+    url = redis_transport(transport)
+    if url is None:
+        fail("pipeline worker needs --transport redis://HOST:PORT/DB", RET_USAGE)
+    import redis
+
+    from pipeline.transport.redis import RedisWorkerLink, ShardLock, connect, describe
+
+    client = connect(url)
+    lock = ShardLock(client, shard, ttl=lock_ttl,
+                     on_lost=lambda: os._exit(RET_ERROR))  # another worker owns the shard now
+    try:
+        got = lock.acquire()
+    except redis.RedisError as exc:
+        fail(f"cannot reach Redis at {describe(url)}: {_short(exc)}", RET_ERROR)
+    if not got:
+        click.echo(f"pipeline: shard {shard} already has a worker ({lock.holder()}); nothing to do")
+        sys.exit(RET_OK)
+    code = RET_OK
+    try:
+        dsn = resolve_dsn(dsn, data_dir)
+        open_database(dsn, f"pipeline-shard-{shard}").close()
+        from shards.worker import ShardWorker, WorkerConfig
+
+        config = WorkerConfig(
+            shard=shard, shards=shards, dsn=dsn, pool_size=pool_size,
+            slots=max(1, max_user_creations // shards), resolve_timeout=resolve_timeout,
+            identity=identity_config(plc_url, dns_server, allow_private_addresses,
+                                     resolve_timeout),
+            source="redis", log_level=log_level.upper(),
+        )
+        holder: dict[str, Any] = {}
+
+        def on_source(name: str) -> None:  # dead letters name the source of their batch
+            holder["w"].config = dataclasses.replace(holder["w"].config, source=name)
+
+        link = RedisWorkerLink(client, shard, shards, on_source=on_source)
+        try:
+            holder["w"] = ShardWorker(config, link)  # type: ignore[arg-type]
+            state["link"] = link
+            if state["stop"]:
+                link.stop()
+            log.info("shard %d: worker %s running (pool of %d connections)", shard,
+                     link.consumer, pool_size)
+            holder["w"].run()
+            holder["w"].pool.close()
+        finally:
+            link.close()
+        click.echo(f"shard {shard}: stopped after {link.entries_done} batches"
+                   f" ({link.reclaimed} taken over from a previous worker)")
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else RET_ERROR
+    except Exception:
+        log.exception("shard %d: worker failed", shard)
+        code = RET_ERROR
+    finally:
+        lock.release()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # the identity threads are not worth waiting for
 
 
 @main.group()

@@ -54,6 +54,9 @@ class RunOptions:
     from_start: bool = False
     refresh_interval: float = 30.0
     log_level: str = "WARNING"
+    log_format: str = "text"
+    transport: str = "local"  # or a redis:// URL: workers are `pipeline worker` processes
+    stream_limit: int = 200  # redis: most entries in a shard's stream before the reader waits
 
 
 @dataclass(eq=False)
@@ -163,6 +166,13 @@ class Supervisor:
         self.db: psycopg.Connection | None = None
         self.started = time.monotonic()
         self._shard_of = lru_cache(maxsize=1 << 18)(lambda key: shard_for(key, options.shards))
+        self.transport: Any = None  # redis: links to workers elsewhere, nothing spawned here
+        self._give_up_at: float | None = None
+        if options.transport != "local":
+            from pipeline.transport.redis import SupervisorTransport
+
+            self.transport = SupervisorTransport(options.transport, options.shards, source.name,
+                                                 options.stream_limit)
 
     # ----- lifecycle -------------------------------------------------------------------------
 
@@ -219,11 +229,15 @@ class Supervisor:
                     self._spawn(sp)
 
     def _spawn(self, sp: ShardProcess) -> None:
+        if self.transport is not None:  # entries wait in Redis until a worker takes them
+            sp.conn, sp.ready, sp.started = self.transport.link(sp.shard), True, time.monotonic()
+            sp.restart_at = None
+            return
         config = WorkerConfig(
             shard=sp.shard, shards=self.o.shards, dsn=self.o.dsn, pool_size=self.per_shard_pool,
             slots=self.slots, resolve_timeout=self.o.resolve_timeout, identity=self.o.identity,
             source=self.source.name, refresh_interval=self.o.refresh_interval,
-            log_level=self.o.log_level,
+            log_level=self.o.log_level, log_format=self.o.log_format,
         )
         parent, child = self.ctx.Pipe(duplex=True)
         sp.process = self.ctx.Process(target=worker_main, args=(config, child),
@@ -236,8 +250,8 @@ class Supervisor:
             self._send(sp, batch)
 
     def _died(self, sp: ShardProcess) -> None:
-        if sp.conn is None:
-            return
+        if sp.conn is None or self.transport is not None:
+            return  # redis: a dead worker's entries stay pending; the next one reclaims them
         sp.process.join(timeout=5)
         code = sp.process.exitcode
         sp.conn.close()
@@ -317,6 +331,9 @@ class Supervisor:
         self.routed_next = next_pos
 
     def _can_send(self, sp: ShardProcess) -> bool:
+        if self.transport is not None:  # backpressure: the shard's stream is long enough
+            return (sp.conn is not None and len(sp.retained) < self.o.stream_limit
+                    and sp.conn.can_send())
         return (sp.conn is not None and len(sp.inflight) < self.o.max_inflight
                 and sp.open_events < self.o.max_open_events)
 
@@ -347,7 +364,10 @@ class Supervisor:
 
     def _poll(self, timeout: float) -> None:
         conns = {sp.conn: sp for sp in self.shards if sp.conn is not None}
-        sentinels = {sp.process.sentinel: sp for sp in self.shards if sp.conn is not None}
+        sentinels = {sp.process.sentinel: sp for sp in self.shards
+                     if sp.conn is not None and sp.process is not None}
+        if self.transport is not None and self.stopping.is_set():
+            self._stop_waiting()
         ready = wait([self._wake_r, *conns, *sentinels], timeout)
         for obj in ready:
             if obj is self._wake_r:
@@ -433,6 +453,13 @@ class Supervisor:
             self._flush()
 
     def _stop_workers(self) -> None:
+        if self.transport is not None:  # workers are long-lived and serve the next run too
+            for sp in self.shards:
+                sp.finished = True
+                if sp.conn is not None:
+                    sp.past.extend(sp.conn.past_stats())
+            self.transport.close()
+            return
         for sp in self.shards:
             sp.finished = True
             if sp.conn is not None:
@@ -443,6 +470,21 @@ class Supervisor:
         deadline = time.monotonic() + 15
         while any(sp.conn is not None for sp in self.shards) and time.monotonic() < deadline:
             self._poll(0.2)
+
+    def _stop_waiting(self) -> None:
+        """Redis, on a signal: wait a while for acknowledgements, then leave the entries to the
+        workers. The cursor stays the low watermark; the next run re-reads from it."""
+        now = time.monotonic()
+        if self._give_up_at is None:
+            self._give_up_at = now + self.o.resolve_timeout + 10
+        elif now >= self._give_up_at and self._pending_work():
+            mark = self.watermark()
+            log.warning("stopping with unacknowledged batches in Redis; the workers will commit"
+                        " them, and the cursor stays at %d", mark)
+            for sp in self.shards:
+                sp.retained.clear()
+                sp.buffer = Buffer()
+            self.routed_next = mark
 
     # ----- cursor and figures ----------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import psycopg
 
+from pipeline.logs import configure
 from shards.events import BadEvent, Event, decode
 from shards.identity import IdentityConfig, build_directory
 from shards.refresher import Refresher
@@ -46,6 +47,7 @@ class WorkerConfig:
     refresh_interval: float = 30.0
     known_capacity: int = 1_000_000
     log_level: str = "WARNING"
+    log_format: str = "text"
 
 
 class KnownDIDs:
@@ -266,8 +268,7 @@ class ShardWorker:
 def main(config: WorkerConfig, conn: Connection) -> None:
     """Process entry point: the supervisor coordinates stopping, so SIGINT is left to it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=config.log_level,
-                        format=f"%(asctime)s shard-{config.shard} %(levelname)s %(message)s")
+    configure(config.log_level, config.log_format, f"shard-{config.shard}")
     try:
         ShardWorker(config, conn).run()
     except (EOFError, BrokenPipeError, ConnectionResetError):

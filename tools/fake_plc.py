@@ -92,6 +92,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     server: _Server
     protocol_version = "HTTP/1.1"  # keep-alive, as real clients pool connections
+    disable_nagle_algorithm = True  # headers and body leave at once, no delayed-ACK stall
 
     def do_GET(self) -> None:  # noqa: N802 (http.server naming)
         plc, released = self.server.plc, self.server.released
