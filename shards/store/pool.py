@@ -46,7 +46,6 @@ def open_pool(dsn: str, size: int, application_name: str) -> ConnectionPool:
         max_size=size,
         kwargs={"application_name": application_name},
         configure=prepare_connection,
-        check=ConnectionPool.check_connection,
         name=application_name,
         timeout=60,
         reconnect_timeout=300,

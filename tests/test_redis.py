@@ -1,0 +1,243 @@
+"""The Redis Streams transport against a real Redis: `pipeline run --transport redis://...` with
+`pipeline worker` processes started on their own, killed and started again.
+
+Uses the database of REDIS_URL (default redis://127.0.0.1:6379/9), emptied before and after each
+test (FLUSHDB): point it at a database number nothing else uses. Skipped when no Redis answers."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+
+from pipeline.transport.redis import (GROUP, RedisWorkerLink, SupervisorTransport, lock_key,
+                                      shard_stream)
+from tests.conftest import digest, fake_network, identity_args, query, run_pipeline, start_pipeline
+from tools.generate import did_documents, write_replay
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/9")
+EVENTS, DIDS, SEED = 30_000, 500, 23
+BAD_LINES = [b"not json at all", b'{"did":"did:plc:nokind"}', b'["an", "array"]']
+TOTAL = EVENTS + len(BAD_LINES)
+
+
+@pytest.fixture
+def rds() -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.skip(f"no Redis answers at REDIS_URL={REDIS_URL} ({exc})")
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen]]:
+    """Processes a test starts; whatever is still running at its end is killed."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+            p.communicate(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def replay_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("redis") / "events.jsonl"
+    write_replay(path, EVENTS, DIDS, seed=SEED)
+    with open(path, "ab") as f:  # dead letters name their source: it must cross Redis too
+        f.write(b"\n".join(BAD_LINES) + b"\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def net() -> Iterator[tuple]:
+    with fake_network(did_documents(DIDS, seed=SEED)) as n:
+        yield n
+
+
+@pytest.fixture(scope="module")
+def local_digest(server_dsn: str, replay_file: Path, net: tuple) -> Iterator[dict[str, str]]:
+    """What a local run (child processes, no Redis) leaves in the tables."""
+    name = "t_redis_local"
+    with psycopg.connect(server_dsn, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {name}")
+    info = psycopg.conninfo.conninfo_to_dict(server_dsn)
+    info["dbname"] = name
+    dsn = psycopg.conninfo.make_conninfo(**info)
+    result = run_pipeline("run", "--replay", str(replay_file), "--dsn", dsn, *identity_args(*net),
+                          "--batch-size", "500", "--log-level", "WARNING")
+    assert result.returncode == 0, result.stderr
+    assert f"committed         {EVENTS}" in result.stdout
+    assert f"dead-lettered     {len(BAD_LINES)}" in result.stdout
+    yield digest(dsn)
+    with psycopg.connect(server_dsn, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def run_args(dsn: str, path: Path, net: tuple, *extra: str) -> list[str]:
+    return ["run", "--replay", str(path), "--dsn", dsn, *identity_args(*net), "--transport",
+            REDIS_URL, "--log-level", "WARNING", *extra]
+
+
+def start_worker(procs: list, dsn: str, net: tuple, shard: int, shards: int) -> subprocess.Popen:
+    p = start_pipeline("worker", "--shard", str(shard), "--shards", str(shards), "--transport",
+                       REDIS_URL, "--dsn", dsn, *identity_args(*net), "--lock-ttl", "2",
+                       "--log-level", "INFO")
+    procs.append(p)
+    return p
+
+
+def stop_worker(p: subprocess.Popen) -> str:
+    """SIGTERM: the worker drains and exits 0."""
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    return out
+
+
+def committed(dsn: str) -> int:
+    try:
+        return query(dsn, "SELECT (SELECT count(*) FROM likes) + (SELECT count(*) FROM posts)")[0][0]
+    except psycopg.Error:  # schema not there yet
+        return 0
+
+
+def wait_until(predicate, timeout: float = 60.0, every: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(every)
+
+
+def test_workers_over_redis_one_killed_match_a_local_run(
+        rds: redis.Redis, procs: list, dsn: str, replay_file: Path, net: tuple,
+        local_digest: dict[str, str]) -> None:
+    run = start_pipeline(*run_args(dsn, replay_file, net, "--batch-size", "500",
+                                   "--stream-limit", "6"))
+    procs.append(run)
+    workers = {k: start_worker(procs, dsn, net, k, 4) for k in range(4)}
+    wait_until(lambda: run.poll() is not None or committed(dsn) > 5_000)
+    assert run.poll() is None, run.communicate()[1]
+
+    workers[1].send_signal(signal.SIGKILL)
+    workers[1].wait(timeout=10)
+    pending = rds.xpending(shard_stream(1), GROUP)["pending"]
+    assert pending > 0, "the killed worker should have left entries pending"
+    wait_until(lambda: not rds.exists(lock_key(1)), timeout=15)  # its lock expires
+    assert run.poll() is None, "the run cannot end while shard 1's entries are pending"
+    workers[1] = start_worker(procs, dsn, net, 1, 4)
+
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 0, err
+    assert f"committed         {EVENTS}" in out
+    assert f"dead-lettered     {len(BAD_LINES)}" in out
+    assert digest(dsn) == local_digest
+    # The cursor is the low watermark over every shard: here, the whole file.
+    assert query(dsn, "SELECT cursor FROM cursors")[0][0] == replay_file.stat().st_size
+    for k in range(4):  # every entry acknowledged and deleted, nothing left pending
+        assert rds.xlen(shard_stream(k)) == 0
+        assert rds.xpending(shard_stream(k), GROUP)["pending"] == 0
+    outs = {k: stop_worker(w) for k, w in workers.items()}
+    taken = int(re.search(r"\((\d+) taken over", outs[1]).group(1))
+    assert taken == pending
+
+
+def test_a_second_worker_of_a_shard_exits_zero_at_once(rds: redis.Redis, procs: list, dsn: str,
+                                                       net: tuple) -> None:
+    both = [start_worker(procs, dsn, net, 0, 1), start_worker(procs, dsn, net, 0, 1)]
+    wait_until(lambda: any(p.poll() is not None for p in both), timeout=30)
+    loser = next(p for p in both if p.poll() is not None)
+    winner = next(p for p in both if p is not loser)
+    out, _err = loser.communicate()
+    assert loser.returncode == 0
+    assert "shard 0 already has a worker" in out
+    assert f":{winner.pid}:" in rds.get(lock_key(0)).decode()
+
+    started = time.monotonic()  # and so does the next one cron starts, at once
+    third = run_pipeline("worker", "--shard", "0", "--shards", "1", "--transport", REDIS_URL,
+                         "--dsn", dsn, *identity_args(*net), timeout=30)
+    assert third.returncode == 0 and "already has a worker" in third.stdout
+    assert time.monotonic() - started < 10
+    assert winner.poll() is None
+    stop_worker(winner)
+    assert not rds.exists(lock_key(0)), "a stopped worker releases its lock"
+
+
+def test_reader_waits_while_a_stream_is_full(rds: redis.Redis, procs: list, dsn: str,
+                                             replay_file: Path, net: tuple,
+                                             local_digest: dict[str, str]) -> None:
+    limit = 3
+    run = start_pipeline(*run_args(dsn, replay_file, net, "--shards", "1", "--batch-size", "200",
+                                   "--stream-limit", str(limit)))
+    procs.append(run)
+    stream = shard_stream(0)
+    wait_until(lambda: rds.exists(stream) and rds.xlen(stream) >= limit, timeout=30)
+    # With no worker the stream stays at the limit: nothing more is appended, the run waits.
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        assert rds.xlen(stream) == limit
+        assert rds.xinfo_stream(stream)["entries-added"] == limit
+        time.sleep(0.1)
+    assert run.poll() is None
+    assert committed(dsn) == 0
+
+    worker = start_worker(procs, dsn, net, 0, 1)
+    longest = 0
+    deadline = time.monotonic() + 90
+    while run.poll() is None:
+        longest = max(longest, rds.xlen(stream))
+        assert time.monotonic() < deadline, "the run did not finish once the worker started"
+        time.sleep(0.05)
+    out, err = run.communicate()
+    assert run.returncode == 0, err
+    assert longest <= limit
+    assert rds.xinfo_stream(stream)["entries-added"] > 10 * limit  # it did resume
+    assert f"committed         {EVENTS}" in out
+    assert digest(dsn) == local_digest
+    stop_worker(worker)
+
+
+def test_a_reclaimed_entry_skips_what_the_dead_worker_committed(rds: redis.Redis) -> None:
+    """Per-DID order across a worker's death: only the events not yet durable are redone."""
+    transport = SupervisorTransport(REDIS_URL, 1, "replay:test", stream_limit=10)
+    try:
+        link = transport.link(0)
+        lines = [b'{"did":"did:plc:a%d"}' % i for i in range(6)]
+        link.send(("batch", 7, time.monotonic(), range(6), [10, 20, 30, 40, 50, 60], lines))
+
+        first = RedisWorkerLink(rds, 0, 1, consumer="first")
+        wait_until(first.poll, timeout=10)
+        msg = first.recv()
+        assert msg[0] == "batch" and list(msg[3]) == list(range(6)) and msg[5] == lines
+        first.send(("ack", 0, {msg[1]: ([0, 2], [1])}))
+        first.close()  # dies with the entry half done
+        wait_until(link.poll, timeout=10)
+        assert link.recv() == ("ack", 0, {7: ([0, 2], [1])})
+
+        second = RedisWorkerLink(rds, 0, 1, consumer="second")
+        wait_until(second.poll, timeout=10)
+        msg = second.recv()
+        assert (list(msg[3]), msg[4], msg[5]) == ([3, 4, 5], [40, 50, 60], lines[3:])
+        assert second.reclaimed == 1
+        second.send(("ack", 0, {msg[1]: ([3, 5], [4])}))
+        assert rds.xlen(shard_stream(0)) == 0
+        assert rds.xpending(shard_stream(0), GROUP)["pending"] == 0
+        assert not rds.exists("pipeline:shard:0:done")
+        wait_until(link.poll, timeout=10)
+        assert link.recv() == ("ack", 0, {7: ([3, 5], [4])})
+        second.close()
+    finally:
+        transport.close()
