@@ -69,7 +69,8 @@ def identity_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def transport_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    return opt("--transport", default="local", show_default=True, metavar="local|redis://HOST:PORT/DB",
+    return opt("--transport", default="local", show_default=True,
+               metavar="local|redis://HOST:PORT/DB",
                help="How batches reach the shard workers: child processes (local), or Redis "
                     "Streams read by `pipeline worker` processes on any machine.")(f)
 
@@ -112,8 +113,8 @@ def log_format() -> str:
     return ctx.meta.get("log_format", "text") if ctx is not None else "text"
 
 
-def setup_logging(level: str) -> None:
-    configure(level, log_format())
+def setup_logging(level: str, process: str = "supervisor") -> None:
+    configure(level, log_format(), process)
     unknown = sorted(k for k in os.environ if k.startswith("PIPELINE_") and k not in _KNOWN_ENV)
     for name in unknown:
         log.warning("unknown environment variable %s is ignored", name)
@@ -324,13 +325,15 @@ def refresh_users(due_only: bool, resolve_timeout: float, max_user_creations: in
      metavar="SECONDS",
      help="Lifetime of the shard's lock, renewed every third of it: how long a killed worker's "
           "shard stays locked before a new worker can take over its pending entries.")
+@opt("--refresh-interval", type=click.FloatRange(min=1), default=30.0, show_default=True,
+     metavar="SECONDS", help="Pause between passes of this worker's refresher of incomplete users.")
 @identity_options
 @database_options
 @common_options
 def worker(shard: int, shards: int, transport: str, pool_size: int | None, pool_budget: int,
-           lock_ttl: float, resolve_timeout: float, max_user_creations: int, plc_url: str,
-           dns_server: str | None, allow_private_addresses: bool, dsn: str | None, data_dir: str,
-           log_level: str) -> None:
+           lock_ttl: float, refresh_interval: float, resolve_timeout: float,
+           max_user_creations: int, plc_url: str, dns_server: str | None,
+           allow_private_addresses: bool, dsn: str | None, data_dir: str, log_level: str) -> None:
     """One shard worker fed over Redis Streams, until SIGTERM/SIGINT (drains, then exits 0).
 
     Exits 0 at once when shard K already has a live worker, so cron can start it every minute.
@@ -345,7 +348,7 @@ def worker(shard: int, shards: int, transport: str, pool_size: int | None, pool_
 
     from shards.store.pool import Budget, BudgetError
 
-    setup_logging(log_level)
+    setup_logging(log_level, f"shard-{shard}")
     state: dict[str, Any] = {"stop": False, "link": None}
 
     def first(signum: int, _frame: object) -> None:
@@ -399,7 +402,8 @@ def worker(shard: int, shards: int, transport: str, pool_size: int | None, pool_
             slots=max(1, max_user_creations // shards), resolve_timeout=resolve_timeout,
             identity=identity_config(plc_url, dns_server, allow_private_addresses,
                                      resolve_timeout),
-            source="redis", log_level=log_level.upper(),
+            source="redis", refresh_interval=refresh_interval, log_level=log_level.upper(),
+            log_format=log_format(),
         )
         holder: dict[str, Any] = {}
 

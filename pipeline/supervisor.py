@@ -483,6 +483,7 @@ class Supervisor:
                         " them, and the cursor stays at %d", mark)
             for sp in self.shards:
                 sp.retained.clear()
+                sp.open_events = 0
                 sp.buffer = Buffer()
             self.routed_next = mark
 

@@ -68,8 +68,8 @@ def net() -> Iterator[tuple]:
 
 
 @pytest.fixture(scope="module")
-def local_digest(server_dsn: str, replay_file: Path, net: tuple) -> Iterator[dict[str, str]]:
-    """What a local run (child processes, no Redis) leaves in the tables."""
+def local_run(server_dsn: str, replay_file: Path, net: tuple) -> Iterator[tuple[str, dict]]:
+    """What a local run (child processes, no Redis) leaves in the tables: (dsn, digest)."""
     name = "t_redis_local"
     with psycopg.connect(server_dsn, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
@@ -82,9 +82,25 @@ def local_digest(server_dsn: str, replay_file: Path, net: tuple) -> Iterator[dic
     assert result.returncode == 0, result.stderr
     assert f"committed         {EVENTS}" in result.stdout
     assert f"dead-lettered     {len(BAD_LINES)}" in result.stdout
-    yield digest(dsn)
+    yield dsn, digest(dsn)
     with psycopg.connect(server_dsn, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+USER_COLUMNS = ("did, handle, incomplete, handle_verified, pds, active, status, display_name,"
+                " description, avatar_cid, banner_cid")
+
+
+def assert_same_content(dsn: str, local: tuple[str, dict]) -> None:
+    """The tables hold what the local run left; if not, the users that differ are shown."""
+    got = digest(dsn)
+    if got == local[1]:
+        return
+    ours = set(query(dsn, f"SELECT {USER_COLUMNS} FROM users"))
+    theirs = set(query(local[0], f"SELECT {USER_COLUMNS} FROM users"))
+    lines = [f"local {row}" for row in sorted(theirs - ours)[:10]]
+    lines += [f"redis {row}" for row in sorted(ours - theirs)[:10]]
+    pytest.fail(f"tables differ: {got} != {local[1]}\n" + "\n".join(lines))
 
 
 def run_args(dsn: str, path: Path, net: tuple, *extra: str) -> list[str]:
@@ -95,7 +111,7 @@ def run_args(dsn: str, path: Path, net: tuple, *extra: str) -> list[str]:
 def start_worker(procs: list, dsn: str, net: tuple, shard: int, shards: int) -> subprocess.Popen:
     p = start_pipeline("worker", "--shard", str(shard), "--shards", str(shards), "--transport",
                        REDIS_URL, "--dsn", dsn, *identity_args(*net), "--lock-ttl", "2",
-                       "--log-level", "INFO")
+                       "--refresh-interval", "3600", "--log-level", "INFO")
     procs.append(p)
     return p
 
@@ -110,7 +126,8 @@ def stop_worker(p: subprocess.Popen) -> str:
 
 def committed(dsn: str) -> int:
     try:
-        return query(dsn, "SELECT (SELECT count(*) FROM likes) + (SELECT count(*) FROM posts)")[0][0]
+        return query(dsn, "SELECT (SELECT count(*) FROM likes)"
+                          " + (SELECT count(*) FROM posts)")[0][0]
     except psycopg.Error:  # schema not there yet
         return 0
 
@@ -124,7 +141,7 @@ def wait_until(predicate, timeout: float = 60.0, every: float = 0.05) -> None:
 
 def test_workers_over_redis_one_killed_match_a_local_run(
         rds: redis.Redis, procs: list, dsn: str, replay_file: Path, net: tuple,
-        local_digest: dict[str, str]) -> None:
+        local_run: tuple[str, dict]) -> None:
     run = start_pipeline(*run_args(dsn, replay_file, net, "--batch-size", "500",
                                    "--stream-limit", "6"))
     procs.append(run)
@@ -132,10 +149,21 @@ def test_workers_over_redis_one_killed_match_a_local_run(
     wait_until(lambda: run.poll() is not None or committed(dsn) > 5_000)
     assert run.poll() is None, run.communicate()[1]
 
-    workers[1].send_signal(signal.SIGKILL)
-    workers[1].wait(timeout=10)
-    pending = rds.xpending(shard_stream(1), GROUP)["pending"]
-    assert pending > 0, "the killed worker should have left entries pending"
+    # Kill shard 1's worker while it holds entries: frozen (SIGSTOP) it cannot acknowledge them
+    # between the look and the kill.
+    victim = workers[1]
+    deadline = time.monotonic() + 60
+    while True:
+        assert time.monotonic() < deadline and run.poll() is None, "shard 1 never held entries"
+        victim.send_signal(signal.SIGSTOP)
+        pending = rds.xpending(shard_stream(1), GROUP)["pending"]
+        if pending:
+            break
+        victim.send_signal(signal.SIGCONT)
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=10)
+    assert rds.xpending(shard_stream(1), GROUP)["pending"] == pending
     wait_until(lambda: not rds.exists(lock_key(1)), timeout=15)  # its lock expires
     assert run.poll() is None, "the run cannot end while shard 1's entries are pending"
     workers[1] = start_worker(procs, dsn, net, 1, 4)
@@ -144,7 +172,7 @@ def test_workers_over_redis_one_killed_match_a_local_run(
     assert run.returncode == 0, err
     assert f"committed         {EVENTS}" in out
     assert f"dead-lettered     {len(BAD_LINES)}" in out
-    assert digest(dsn) == local_digest
+    assert_same_content(dsn, local_run)
     # The cursor is the low watermark over every shard: here, the whole file.
     assert query(dsn, "SELECT cursor FROM cursors")[0][0] == replay_file.stat().st_size
     for k in range(4):  # every entry acknowledged and deleted, nothing left pending
@@ -178,7 +206,7 @@ def test_a_second_worker_of_a_shard_exits_zero_at_once(rds: redis.Redis, procs: 
 
 def test_reader_waits_while_a_stream_is_full(rds: redis.Redis, procs: list, dsn: str,
                                              replay_file: Path, net: tuple,
-                                             local_digest: dict[str, str]) -> None:
+                                             local_run: tuple[str, dict]) -> None:
     limit = 3
     run = start_pipeline(*run_args(dsn, replay_file, net, "--shards", "1", "--batch-size", "200",
                                    "--stream-limit", str(limit)))
@@ -206,8 +234,35 @@ def test_reader_waits_while_a_stream_is_full(rds: redis.Redis, procs: list, dsn:
     assert longest <= limit
     assert rds.xinfo_stream(stream)["entries-added"] > 10 * limit  # it did resume
     assert f"committed         {EVENTS}" in out
-    assert digest(dsn) == local_digest
+    assert_same_content(dsn, local_run)
     stop_worker(worker)
+
+
+def test_redis_connections_killed_midway_lose_nothing(
+        rds: redis.Redis, procs: list, dsn: str, replay_file: Path, net: tuple,
+        local_run: tuple[str, dict]) -> None:
+    """Every client of the test database is disconnected (CLIENT KILL) a few times mid-run:
+    the supervisor and the workers reconnect, append nothing twice and lose nothing."""
+    run = start_pipeline(*run_args(dsn, replay_file, net, "--batch-size", "200",
+                                   "--stream-limit", "8"))
+    procs.append(run)
+    workers = [start_worker(procs, dsn, net, k, 4) for k in range(4)]
+    me, db, kills = rds.client_id(), str(rds.connection_pool.connection_kwargs.get("db", 0)), 0
+    for threshold in (3_000, 8_000, 13_000):
+        wait_until(lambda: run.poll() is not None or committed(dsn) > threshold)
+        for client in rds.client_list():
+            if client["db"] == db and int(client["id"]) != me:
+                try:
+                    kills += rds.client_kill_filter(_id=client["id"])
+                except redis.ResponseError:
+                    pass  # gone already
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 0, err
+    assert kills >= 5
+    assert f"committed         {EVENTS}" in out
+    assert_same_content(dsn, local_run)
+    for w in workers:
+        stop_worker(w)
 
 
 def test_a_reclaimed_entry_skips_what_the_dead_worker_committed(rds: redis.Redis) -> None:

@@ -9,6 +9,7 @@ Keys (all in the database of the URL):
                             so a worker that reclaims the entry skips them (per-DID order holds)
   pipeline:shard:<k>:lock   the one live worker of shard k (SET NX PX, renewed by a heartbeat)
   pipeline:acks:<run>       acknowledgements and stats of one supervisor run, read by it
+  pipeline:sent:<run>:<k>   the last batch id that run appended to shard k (retries append once)
 
 The classes here look like a multiprocessing Connection (send, poll, recv, fileno, close), so the
 supervisor and ShardWorker run unchanged over them. Entries are a plain binary encoding, never
@@ -101,7 +102,8 @@ def encode_batch(run: str, source: str, shards: int, msg: tuple[Any, ...]) -> di
     """("batch", id, read_time, idxs, positions, lines) as stream fields; the monotonic read time
     becomes wall-clock time so that another machine can measure read-to-commit latency."""
     _, batch_id, read_time, idxs, positions, lines = msg
-    full = isinstance(idxs, range) and idxs.start == 0 and idxs.step == 1 and len(idxs) == len(lines)
+    full = (isinstance(idxs, range) and idxs.start == 0 and idxs.step == 1
+            and len(idxs) == len(lines))
     wall = time.time() - (time.monotonic() - read_time)
     return {"v": b"1", "run": run.encode(), "src": source.encode(), "n": b"%d" % shards,
             "id": b"%d" % batch_id, "t": repr(wall).encode(),
@@ -299,29 +301,34 @@ class SupervisorTransport:
         if shard not in self.links:
             _retrying("creating the consumer group", lambda: ensure_group(self.client, shard))
             self.links[shard] = RedisShardLink(self, shard)
-        if self._thread is None:
+        if self._thread is None:  # the acks stream exists before the first batch is sent
+            _retrying(f"creating {self.acks}", self._keep_acks)
             self._thread = threading.Thread(target=self._read_acks, name="redis-acks", daemon=True)
             self._thread.start()
         return self.links[shard]
 
+    def _keep_acks(self) -> None:
+        """Creates (or keeps) this run's acks stream: workers never create one (NOMKSTREAM), so
+        a finished or abandoned run's stream, once deleted, stays deleted."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.xadd(self.acks, {"k": b"-1", "t": b"run"}, maxlen=ACKS_MAXLEN, approximate=True)
+        pipe.expire(self.acks, ACKS_TTL)
+        pipe.execute()
+
     def _read_acks(self) -> None:
-        last, kept = b"0-0", 0.0
+        last, kept = b"0-0", time.monotonic()
         while not self._stop.is_set():
-            if time.monotonic() - kept > 60:  # exists from the start (stats need it), for a day
+            if time.monotonic() - kept > 60:  # alive for a day past the last sign of life
                 try:
-                    pipe = self.client.pipeline(transaction=True)
-                    pipe.xadd(self.acks, {"k": b"-1", "t": b"run"}, maxlen=ACKS_MAXLEN,
-                              approximate=True)
-                    pipe.expire(self.acks, ACKS_TTL)
-                    pipe.execute()
+                    self._keep_acks()
                     kept = time.monotonic()
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
-                    log.warning("redis: creating %s failed (%s); retrying", self.acks, exc)
+                    log.warning("redis: keeping %s failed (%s); retrying", self.acks, exc)
                     self._stop.wait(1.0)
                     continue
             try:
                 reply = self.client.xread({self.acks: last}, count=500, block=BLOCK_MS)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except redis.RedisError as exc:
                 log.warning("redis: reading acknowledgements failed (%s); retrying", exc)
                 self._stop.wait(1.0)
                 continue
@@ -351,7 +358,7 @@ class SupervisorTransport:
         if self._thread is not None:
             self._thread.join(timeout=BLOCK_MS / 1000 + 5)
         try:
-            self.client.delete(self.acks)
+            self.client.delete(self.acks, *(link.sent_key for link in self.links.values()))
         except redis.RedisError:
             pass
         for link in self.links.values():
@@ -369,6 +376,7 @@ class RedisShardLink(_Inbox):
         self.t = transport
         self.shard = shard
         self.stream = shard_stream(shard)
+        self.sent_key = f"pipeline:sent:{transport.run}:{shard}"
         # XLEN when last measured plus what was appended since; starts full to measure first.
         self._length = transport.stream_limit
         self._measured = 0.0
@@ -393,7 +401,23 @@ class RedisShardLink(_Inbox):
         if msg[0] != "batch":
             return  # workers are long-lived: "stop" is not the supervisor's to send
         fields_ = encode_batch(self.t.run, self.t.source, self.t.shards, msg)
-        _retrying(f"appending to {self.stream}", lambda: self.t.client.xadd(self.stream, fields_))
+        batch_id, attempts = msg[1], 0
+
+        def append() -> None:
+            # With the entry, the last batch id appended: a retry after a lost reply must not
+            # append the batch twice (a late copy would replay old events over newer ones).
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1:
+                last = self.t.client.get(self.sent_key)
+                if last is not None and int(last) >= batch_id:
+                    return
+            pipe = self.t.client.pipeline(transaction=True)
+            pipe.xadd(self.stream, fields_)
+            pipe.set(self.sent_key, batch_id, ex=ACKS_TTL)
+            pipe.execute()
+
+        _retrying(f"appending to {self.stream}", append)
         self._length += 1
 
     def _stats(self, consumer: bytes, stats: ShardStats) -> None:
@@ -526,11 +550,13 @@ class RedisWorkerLink(_Inbox):
         def write() -> None:
             pipe = self.client.pipeline(transaction=True)
             if stats is not None:  # first, so the supervisor has them when the acks end its run
-                pipe.xadd(acks_stream(self._run), stats, maxlen=ACKS_MAXLEN, approximate=True)
-            for run, acks in by_run.items():
+                pipe.xadd(acks_stream(self._run), stats, maxlen=ACKS_MAXLEN, approximate=True,
+                          nomkstream=True)
+            for run, acks in by_run.items():  # a run that is over has no stream: nothing to tell
                 key = acks_stream(run)
                 pipe.xadd(key, {"k": b"%d" % self.shard, "c": self.consumer.encode(), "t": b"ack",
-                                "d": orjson.dumps(acks)}, maxlen=ACKS_MAXLEN, approximate=True)
+                                "d": orjson.dumps(acks)}, maxlen=ACKS_MAXLEN, approximate=True,
+                          nomkstream=True)
                 pipe.expire(key, ACKS_TTL)
             for o in partial:
                 pipe.hset(self.done_key, o.entry_id, bytes(o.done))
@@ -578,7 +604,7 @@ class RedisWorkerLink(_Inbox):
     # -- reading entries --
 
     def _fetch(self) -> None:
-        claiming, cursor, attempt = True, b"0-0", 0
+        claiming, cursor, attempt, group = True, b"0-0", 0, False
         while not self._stop_fetching.is_set():
             with self._cond:
                 while not self._stop_fetching.is_set() and not (
@@ -588,18 +614,21 @@ class RedisWorkerLink(_Inbox):
             if self._stop_fetching.is_set():
                 return
             try:
-                ensure_group(self.client, self.shard)
+                if not group:
+                    ensure_group(self.client, self.shard)
+                    group = True
                 if claiming:
-                    # We hold the shard's lock, so every pending entry is a dead (or stopped)
-                    # worker's: take them all over, oldest first, before anything new.
+                    # We hold the shard's lock, so every pending entry that is not open here is a
+                    # dead (or stopped) worker's, or one whose delivery to us got lost: take them
+                    # all, oldest first, before anything new.
                     reply = self.client.xautoclaim(self.stream, GROUP, self.consumer, 0, cursor,
                                                    count=room)
-                    cursor, entries = reply[0], reply[1]
-                    self._deliver(entries, reclaimed=True)
+                    self._deliver(reply[1], reclaimed=True)
+                    cursor = reply[0]
                     if cursor in (b"0-0", "0-0"):
                         claiming = False
                         if self.reclaimed:
-                            log.info("shard %d: reclaimed %d pending entries", self.shard,
+                            log.info("shard %d: took over %d pending entries", self.shard,
                                      self.reclaimed)
                         self._forget_idle_consumers()
                 else:
@@ -612,30 +641,35 @@ class RedisWorkerLink(_Inbox):
                 log.warning("redis: reading %s failed (%s); retrying in %.1fs", self.stream, exc,
                             delay)
                 attempt += 1
+                claiming, cursor = True, b"0-0"  # a reply lost on the way is still pending
                 self._stop_fetching.wait(delay)
             except redis.ResponseError as exc:
                 if "NOGROUP" in str(exc):  # Redis restarted empty: start over
-                    claiming, cursor = True, b"0-0"
+                    claiming, cursor, group = True, b"0-0", False
                     continue
                 log.error("redis: reading %s failed: %s", self.stream, exc)
                 self._stop_fetching.wait(1.0)
 
     def _deliver(self, entries: list[tuple[bytes, dict[bytes, bytes] | None]],
                  reclaimed: bool) -> None:
-        entries = [(i, f) for i, f in entries if f]
+        """Hands entries to the worker; reads everything it needs from Redis before the first
+        hand-over, so that a failure here can be retried without handing anything over twice."""
+        with self._cond:
+            already = {o.entry_id for o in self.open.values()}
+        entries = [(i, f) for i, f in entries if f and i not in already]
         if not entries:
             return
         done: list[bytes | None] = [None] * len(entries)
         if reclaimed:
-            self.reclaimed += len(entries)
             done = self.client.hmget(self.done_key, [i for i, _ in entries])
+            self.reclaimed += len(entries)
+        drop: list[bytes] = []
         for (entry_id, f), mark in zip(entries, done):
             try:
                 e = decode_entry(entry_id, f)
             except (KeyError, ValueError) as exc:
                 log.error("shard %d: dropping undecodable entry %r: %s", self.shard, entry_id, exc)
-                self.client.xack(self.stream, GROUP, entry_id)
-                self.client.xdel(self.stream, entry_id)
+                drop.append(entry_id)
                 continue
             if e.shards != self.shards and not self._warned_shards:
                 self._warned_shards = True
@@ -646,8 +680,7 @@ class RedisWorkerLink(_Inbox):
             flags = bytearray(mark) if mark is not None and len(mark) == n else bytearray(n)
             keep = [j for j in range(n) if not flags[j]]
             if not keep:  # everything was durable already; only the XACK was lost
-                self.client.xack(self.stream, GROUP, entry_id)
-                self.client.xdel(self.stream, entry_id)
+                drop.append(entry_id)
                 continue
             full = isinstance(e.idxs, range) and e.idxs.start == 0
             slot = None if full else {idx: j for j, idx in enumerate(e.idxs)}
@@ -663,6 +696,15 @@ class RedisWorkerLink(_Inbox):
                 msg = ("batch", local, read_time, [e.idxs[j] for j in keep],
                        [e.positions[j] for j in keep], [e.lines[j] for j in keep])
             self._put(msg)
+        if drop:
+            try:
+                pipe = self.client.pipeline(transaction=True)
+                pipe.xack(self.stream, GROUP, *drop)
+                pipe.xdel(self.stream, *drop)
+                pipe.hdel(self.done_key, *drop)
+                pipe.execute()
+            except redis.RedisError as exc:  # still pending: the next claim drops them again
+                log.warning("redis: dropping %d entries failed: %s", len(drop), exc)
 
     def _forget_idle_consumers(self) -> None:
         """Dead workers' consumer names, once their entries are ours (none pending)."""
