@@ -6,6 +6,7 @@ import ssl
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -237,3 +238,113 @@ def test_https_to_http_redirect_refused(dns: FakeDNS, tls_stub: tuple[StubServer
     with pytest.raises(ResolutionFailed, match="refusing redirect"):
         base.resolve_did("did:web:secure.test")
     assert stub.count() == 1
+
+
+# -- vetted addresses are reused for their TTL, then looked up and vetted again -------------
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _fetcher(dns: FakeDNS, clock: Clock, **overrides: object) -> HttpFetcher:
+    config = local_config(dns.address, **overrides)
+    return HttpFetcher(config, DnsClient(config), clock=clock)
+
+
+def test_vetted_address_reused_for_its_dns_ttl(stub: StubServer) -> None:
+    with FakeDNS({"web.test": {"A": ["127.0.0.1"]}}, ttl=60) as dns:
+        clock = Clock()
+        fetcher = _fetcher(dns, clock)
+        stub.route("/x", b"ok")
+        url = f"http://web.test:{stub.port}/x"
+        assert fetcher.get(url, max_bytes=10).body == b"ok"
+        clock.now += 59
+        assert fetcher.get(url, max_bytes=10).body == b"ok"
+        assert dns.count("web.test", "A") == 1
+        clock.now += 2  # past the TTL
+        assert fetcher.get(url, max_bytes=10).body == b"ok"
+        assert dns.count("web.test", "A") == 2
+        assert stub.count("/x") == 3
+
+
+def test_address_ttl_caps_the_dns_ttl_and_zero_disables(dns: FakeDNS, stub: StubServer) -> None:
+    dns.add_a("web.test", "127.0.0.1")  # TTL 60
+    stub.route("/x", b"ok")
+    url = f"http://web.test:{stub.port}/x"
+    clock = Clock()
+    capped = _fetcher(dns, clock, address_ttl=10.0)
+    capped.get(url, max_bytes=10)
+    clock.now += 11
+    capped.get(url, max_bytes=10)
+    assert dns.count("web.test", "A") == 2
+    never = _fetcher(dns, clock, address_ttl=0.0)
+    never.get(url, max_bytes=10)
+    never.get(url, max_bytes=10)
+    assert dns.count("web.test", "A") == 4
+
+
+def test_rebinding_to_private_address_refused_once_the_ttl_is_over(
+    dns: FakeDNS, stub: StubServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Pretend 127.0.0.1 is public and 127.0.0.2 private.
+    monkeypatch.setattr(http_mod, "is_public_address", lambda a: a == "127.0.0.1")
+    dns.add_a("web.test", "127.0.0.1")
+    stub.route("/x", b"ok")
+    url = f"http://web.test:{stub.port}/x"
+    clock = Clock()
+    fetcher = _fetcher(dns, clock, allow_private_addresses=False)
+    assert fetcher.get(url, max_bytes=10).body == b"ok"
+    dns.set("web.test", "A", ["127.0.0.2"])  # the name now points inward
+    clock.now += 30
+    assert fetcher.get(url, max_bytes=10).body == b"ok"  # still the address vetted before
+    assert dns.count("web.test", "A") == 1
+    clock.now += 31
+    with pytest.raises(AddressRefused):
+        fetcher.get(url, max_bytes=10)
+    assert dns.count("web.test", "A") == 2
+    assert stub.count("/x") == 2
+    with pytest.raises(AddressRefused):  # refusals are not remembered as vetted
+        fetcher.get(url, max_bytes=10)
+    assert dns.count("web.test", "A") == 3
+
+
+def test_transport_failure_forgets_the_vetted_address(dns: FakeDNS, stub: StubServer) -> None:
+    dns.add_a("web.test", "127.0.0.1")
+    stub.route("/x", b"ok")
+    url = f"http://web.test:{stub.port}/x"
+    fetcher = _fetcher(dns, Clock(), read_timeout=0.3)
+    fetcher.get(url, max_bytes=10)
+    stub.hang()
+    with pytest.raises(ResolutionFailed):
+        fetcher.get(url, max_bytes=10)
+    stub.serve()
+    assert fetcher.get(url, max_bytes=10).body == b"ok"
+    assert dns.count("web.test", "A") == 2  # looked up again after the failure
+
+
+def test_keep_alive_connection_reused_across_fetches(stub: StubServer) -> None:
+    fetcher = HttpFetcher(local_config(), DnsClient(local_config()))
+    stub.route("/x", b"ok")
+    for _ in range(5):
+        assert fetcher.get(f"{stub.url}/x", max_bytes=10).body == b"ok"
+    assert stub.connections == 1
+
+
+def test_many_threads_share_one_fetcher(dns: FakeDNS, stub: StubServer) -> None:
+    dns.add_a("web.test", "127.0.0.1")
+    for i in range(200):
+        stub.route(f"/{i}", str(i))
+    fetcher = _fetcher(dns, Clock())
+
+    def fetch(i: int) -> bytes:
+        return fetcher.get(f"http://web.test:{stub.port}/{i}", max_bytes=10).body
+
+    with ThreadPoolExecutor(8) as pool:
+        bodies = list(pool.map(fetch, range(200)))
+    assert bodies == [str(i).encode() for i in range(200)]
+    assert dns.count("web.test", "A") <= 8  # only the first fetches of each thread may ask
+    assert stub.connections <= 8

@@ -163,7 +163,9 @@ def test_workers_over_redis_one_killed_match_a_local_run(
         time.sleep(0.02)
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=10)
-    assert rds.xpending(shard_stream(1), GROUP)["pending"] == pending
+    # A read the worker had already asked for may still hand it entries while it is frozen.
+    held = rds.xpending(shard_stream(1), GROUP)["pending"]
+    assert held >= pending
     wait_until(lambda: not rds.exists(lock_key(1)), timeout=15)  # its lock expires
     assert run.poll() is None, "the run cannot end while shard 1's entries are pending"
     workers[1] = start_worker(procs, dsn, net, 1, 4)
@@ -180,7 +182,7 @@ def test_workers_over_redis_one_killed_match_a_local_run(
         assert rds.xpending(shard_stream(k), GROUP)["pending"] == 0
     outs = {k: stop_worker(w) for k, w in workers.items()}
     taken = int(re.search(r"\((\d+) taken over", outs[1]).group(1))
-    assert taken == pending
+    assert taken == held
 
 
 def test_a_second_worker_of_a_shard_exits_zero_at_once(rds: redis.Redis, procs: list, dsn: str,

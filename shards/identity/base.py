@@ -25,6 +25,7 @@ class BaseDirectory:
         self._plc = PlcResolver(config, http, self.counters)
         self._web = WebResolver(config, http, self.counters)
         self._handles = HandleVerifier(config, self._dns, http, self.counters)
+        self._plc_upstreams = self._upstreams(self._plc.host, self._plc.upstream)
 
     def resolve_did(self, did: str) -> Identity:
         """Raises DIDNotFound for bad syntax and methods other than plc and web."""
@@ -38,10 +39,9 @@ class BaseDirectory:
 
     def verify(self, ident: Identity) -> Identity:
         handle = ident.handle.lower()
-        checked = replace(ident, handle=handle)
-        if not _checkable(handle):
-            return checked.verified(False)  # nothing to look up: definitively invalid
-        return checked.verified(self._handles.check(ident.did, handle))
+        # Uncheckable handles need no look-up: definitively invalid.
+        ok = _checkable(handle) and self._handles.check(ident.did, handle)
+        return replace(ident, handle=handle if ok else INVALID_HANDLE, handle_verified=ok)
 
     def purge(self, did: str) -> None:
         """Nothing is kept here."""
@@ -49,8 +49,8 @@ class BaseDirectory:
     def did_upstreams(self, did: str) -> tuple[str, ...]:
         """The upstreams (breaker keys) a resolution of `did` depends on, in order of use."""
         if did.startswith("did:plc:"):
-            host, upstream = self._plc.host, self._plc.upstream
-        elif did.startswith("did:web:"):
+            return self._plc_upstreams
+        if did.startswith("did:web:"):
             try:
                 host, port = web_host(did)
             except DIDNotFound:
@@ -59,6 +59,9 @@ class BaseDirectory:
             upstream = f"{host}:{port}" if port else host
         else:
             return ()
+        return self._upstreams(host, upstream)
+
+    def _upstreams(self, host: str, upstream: str) -> tuple[str, ...]:
         if self._dns.needs_lookup(host):
             return (self._dns.label, upstream)
         return (upstream,)

@@ -9,13 +9,19 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import Any
 
 from .breaker import CircuitOpen
 from .config import IdentityConfig
-from .directory import DIDNotFound, Directory, Identity, IdentityError, ResolutionFailed
+from .directory import (
+    INVALID_HANDLE,
+    DIDNotFound,
+    Directory,
+    Identity,
+    IdentityError,
+    ResolutionFailed,
+)
 from .metrics import Counters
 
 # ("did", did) -> Identity; ("verify", did, handle) -> bool (did the handle point back)
@@ -27,6 +33,31 @@ class _Entry:
     expires: float
     value: Any = None
     error: IdentityError | None = None
+
+
+class _Pending:
+    """One lookup in flight: the leader sets its outcome once, the others wait for it.
+
+    A lock held until the outcome is set (cheaper than a concurrent.futures.Future)."""
+
+    __slots__ = ("_unset", "value", "error")
+
+    def __init__(self) -> None:
+        self._unset = threading.Lock()
+        self._unset.acquire()
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+    def set(self, value: Any, error: BaseException | None) -> None:
+        self.value, self.error = value, error
+        self._unset.release()
+
+    def result(self) -> Any:
+        with self._unset:  # free once set; each waiter passes through in turn
+            pass
+        if self.error is not None:
+            raise self.error
+        return self.value
 
 
 def _fresh(exc: IdentityError) -> IdentityError:
@@ -55,7 +86,7 @@ class CacheDirectory:
         self._lock = threading.Lock()
         self._entries: OrderedDict[_Key, _Entry] = OrderedDict()
         self._by_did: dict[str, set[_Key]] = {}
-        self._inflight: dict[_Key, Future[Any]] = {}
+        self._inflight: dict[_Key, _Pending] = {}
         self.counters.add_gauges(self._gauges)
 
     def resolve_did(self, did: str) -> Identity:
@@ -67,7 +98,7 @@ class CacheDirectory:
         handle = ident.handle.lower()
         key = ("verify", ident.did, handle)
         ok: bool = self._lookup(key, lambda: self.inner.verify(ident).handle_verified)
-        return replace(ident, handle=handle).verified(ok)
+        return replace(ident, handle=handle if ok else INVALID_HANDLE, handle_verified=ok)
 
     def purge(self, did: str) -> None:
         """Drops the DID's entries, and lets no lookup already in flight store its older answer."""
@@ -97,7 +128,7 @@ class CacheDirectory:
             future = self._inflight.get(key)
             leader = future is None
             if future is None:
-                future = self._inflight[key] = Future()
+                future = self._inflight[key] = _Pending()
                 self.counters.inc("cache.miss")
             else:
                 self.counters.inc("cache.coalesced")
@@ -114,7 +145,7 @@ class CacheDirectory:
         self._finish(key, future, value, None)
         return value
 
-    def _finish(self, key: _Key, future: Future[Any], value: Any, error: BaseException | None) -> None:
+    def _finish(self, key: _Key, future: _Pending, value: Any, error: BaseException | None) -> None:
         with self._lock:
             if self._inflight.get(key) is future:  # not purged meanwhile
                 del self._inflight[key]
@@ -122,10 +153,7 @@ class CacheDirectory:
                 if ttl > 0:
                     stored = error if isinstance(error, IdentityError) else None
                     self._store(key, _Entry(self._clock() + ttl, value, stored))
-        if error is None:
-            future.set_result(value)
-        else:
-            future.set_exception(error)
+        future.set(value, error)
 
     def _ttl(self, key: _Key, value: Any, error: BaseException | None) -> float:
         cfg = self.config

@@ -22,6 +22,9 @@ class IdentityConfig:
     total_timeout: float = 10.0  # one whole HTTP fetch, body and redirects included
     dns_timeout: float = 3.0  # one DNS lookup, retries included
     max_redirects: int = 2  # each hop re-vetted; 0 = never follow
+    # A host's vetted address is reused for its DNS TTL, at most this long (0: vet every
+    # fetch); then it is looked up and vetted again.
+    address_ttl: float = 300.0
     did_doc_max_bytes: int = 64 * 1024
     well_known_max_bytes: int = 4 * 1024
     ca_bundle: str | None = None  # PEM bundle for TLS verification; None = certifi's
@@ -52,6 +55,8 @@ class IdentityConfig:
                      "breaker_cooldown"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.address_ttl < 0:
+            raise ValueError("address_ttl must be >= 0")
         if self.breaker_threshold < 1 or self.cache_size < 1 or self.max_redirects < 0:
             raise ValueError("breaker_threshold and cache_size must be >= 1, max_redirects >= 0")
         if self.dns_server is not None:

@@ -68,12 +68,14 @@ def fetch_identity(
     max_bytes: int,
     *,
     missing_host_is_not_found: bool,
+    upstream: str | None = None,
 ) -> Identity:
     """GETs and parses one DID document, counting the outcome under `method`.
 
     404/410 (and NXDOMAIN when `missing_host_is_not_found`) raise DIDNotFound; everything else
-    that is not a matching document raises ResolutionFailed or one of its subclasses."""
-    upstream = urlsplit(url).netloc.lower()
+    that is not a matching document raises ResolutionFailed or one of its subclasses.
+    `upstream` is the URL's host[:port] (lowercase), when the caller knows it already."""
+    upstream = upstream or urlsplit(url).netloc.lower()
     try:
         fetched = http.get(url, max_bytes=max_bytes, accept=DID_ACCEPT)
     except AddressRefused:

@@ -33,4 +33,5 @@ class PlcResolver:
         return fetch_identity(
             self._http, self._counters, "plc", did, f"{self._base}/{did}", self._max_bytes,
             missing_host_is_not_found=False,  # the directory itself missing is an outage
+            upstream=self.upstream,
         )
