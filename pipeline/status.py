@@ -4,7 +4,6 @@ Both read the tables the pipeline writes and take the same database (and, for th
 identity) options as `run`, so PIPELINE_* variables mean the same thing everywhere."""
 from __future__ import annotations
 
-import gzip
 import hashlib
 import os
 import threading

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 import sys
 import tempfile
 import uuid
@@ -69,6 +70,22 @@ def start_pipeline(*args: str, env: dict[str, str] | None = None,
 def query(dsn: str, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
     with psycopg.connect(dsn) as conn:
         return conn.execute(sql, params).fetchall()
+
+
+def wait_until(predicate, timeout: float = 60.0, every: float = 0.05) -> None:
+    """Polls until `predicate()` holds; fails the test when the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(every)
+
+
+def rows_committed(dsn: str) -> int:
+    """Rows in the likes and posts tables (0 before the schema exists), to watch progress."""
+    try:
+        return query(dsn, "SELECT (SELECT count(*) FROM likes) + (SELECT count(*) FROM posts)")[0][0]
+    except psycopg.Error:
+        return 0
 
 
 TABLES = ("users", "posts", "likes", "reposts", "follows", "blocks", "records", "dead_letters")

@@ -11,7 +11,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import digest, fake_network, identity_args, query, run_pipeline, start_pipeline
+from tests.conftest import (digest, fake_network, identity_args, query, rows_committed,
+                            run_pipeline, start_pipeline, wait_until)
 from tools.generate import did_documents, write_replay
 
 EVENTS, DIDS, SEED = 100_000, 1_000, 11
@@ -61,18 +62,8 @@ def workers(proc: psutil.Process) -> list[psutil.Process]:
             and "resource_tracker" not in " ".join(c.cmdline())]
 
 
-def committed(dsn: str) -> int:
-    try:
-        return query(dsn, "SELECT (SELECT count(*) FROM likes) + (SELECT count(*) FROM posts)")[0][0]
-    except Exception:  # schema not there yet
-        return 0
 
 
-def wait_until(predicate, timeout: float = 60.0, every: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(every)
 
 
 def test_workers_killed_midway_lose_nothing(dsn: str, replay_file: Path, net: tuple,
@@ -82,7 +73,7 @@ def test_workers_killed_midway_lose_nothing(dsn: str, replay_file: Path, net: tu
     kills = 0
     rng = random.Random(1)
     while proc.poll() is None and kills < 4:
-        wait_until(lambda: proc.poll() is not None or committed(dsn) > (kills + 1) * 8_000)
+        wait_until(lambda: proc.poll() is not None or rows_committed(dsn) > (kills + 1) * 8_000)
         live = workers(parent) if proc.poll() is None else []
         if live:
             rng.choice(live).send_signal(signal.SIGKILL)
@@ -125,7 +116,7 @@ def test_connections_terminated_midway_lose_nothing(dsn: str, replay_file: Path,
     proc = start_pipeline(*args(dsn, replay_file, net))
     dbname = query(dsn, "SELECT current_database()")[0][0]
     for threshold in (10_000, 40_000):
-        wait_until(lambda: proc.poll() is not None or committed(dsn) > threshold)
+        wait_until(lambda: proc.poll() is not None or rows_committed(dsn) > threshold)
         killed = query(dsn, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
                             " WHERE application_name LIKE 'pipeline%%' AND datname = %s", (dbname,))
         assert killed[0][0] > 0
@@ -137,7 +128,7 @@ def test_connections_terminated_midway_lose_nothing(dsn: str, replay_file: Path,
 def test_sigterm_drains_saves_cursor_and_exits_zero(dsn: str, replay_file: Path, net: tuple,
                                                    clean_digest: dict[str, str]) -> None:
     proc = start_pipeline(*args(dsn, replay_file, net))
-    wait_until(lambda: committed(dsn) > 20_000)
+    wait_until(lambda: rows_committed(dsn) > 20_000)
     proc.send_signal(signal.SIGTERM)
     started = time.monotonic()
     out, err = proc.communicate(timeout=30)
@@ -154,7 +145,7 @@ def test_sigterm_drains_saves_cursor_and_exits_zero(dsn: str, replay_file: Path,
 def test_second_run_of_the_same_source_exits_at_once(dsn: str, replay_file: Path,
                                                      net: tuple) -> None:
     first = start_pipeline(*args(dsn, replay_file, net))
-    wait_until(lambda: committed(dsn) > 0)
+    wait_until(lambda: rows_committed(dsn) > 0)
     started = time.monotonic()
     second = run_pipeline(*args(dsn, replay_file, net))
     took = time.monotonic() - started

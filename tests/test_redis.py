@@ -19,7 +19,8 @@ import redis
 
 from pipeline.transport.redis import (GROUP, RedisWorkerLink, SupervisorTransport, lock_key,
                                       shard_stream)
-from tests.conftest import digest, fake_network, identity_args, query, run_pipeline, start_pipeline
+from tests.conftest import (digest, fake_network, identity_args, query, rows_committed,
+                            run_pipeline, start_pipeline, wait_until)
 from tools.generate import did_documents, write_replay
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/9")
@@ -124,19 +125,8 @@ def stop_worker(p: subprocess.Popen) -> str:
     return out
 
 
-def committed(dsn: str) -> int:
-    try:
-        return query(dsn, "SELECT (SELECT count(*) FROM likes)"
-                          " + (SELECT count(*) FROM posts)")[0][0]
-    except psycopg.Error:  # schema not there yet
-        return 0
 
 
-def wait_until(predicate, timeout: float = 60.0, every: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(every)
 
 
 def test_workers_over_redis_one_killed_match_a_local_run(
@@ -146,7 +136,7 @@ def test_workers_over_redis_one_killed_match_a_local_run(
                                    "--stream-limit", "6"))
     procs.append(run)
     workers = {k: start_worker(procs, dsn, net, k, 4) for k in range(4)}
-    wait_until(lambda: run.poll() is not None or committed(dsn) > 5_000)
+    wait_until(lambda: run.poll() is not None or rows_committed(dsn) > 5_000)
     assert run.poll() is None, run.communicate()[1]
 
     # Kill shard 1's worker while it holds entries: frozen (SIGSTOP) it cannot acknowledge them
@@ -222,7 +212,7 @@ def test_reader_waits_while_a_stream_is_full(rds: redis.Redis, procs: list, dsn:
         assert rds.xinfo_stream(stream)["entries-added"] == limit
         time.sleep(0.1)
     assert run.poll() is None
-    assert committed(dsn) == 0
+    assert rows_committed(dsn) == 0
 
     worker = start_worker(procs, dsn, net, 0, 1)
     longest = 0
@@ -251,7 +241,7 @@ def test_redis_connections_killed_midway_lose_nothing(
     workers = [start_worker(procs, dsn, net, k, 4) for k in range(4)]
     me, db, kills = rds.client_id(), str(rds.connection_pool.connection_kwargs.get("db", 0)), 0
     for threshold in (3_000, 8_000, 13_000):
-        wait_until(lambda: run.poll() is not None or committed(dsn) > threshold)
+        wait_until(lambda: run.poll() is not None or rows_committed(dsn) > threshold)
         for client in rds.client_list():
             if client["db"] == db and int(client["id"]) != me:
                 try:

@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 
 import orjson
-import pytest
 
 from tests.conftest import DATA, digest, fake_network, identity_args, query, run_pipeline
 
