@@ -132,15 +132,21 @@ def resolve_dsn(dsn: str | None, data_dir: str) -> str:
     return uri
 
 
-def open_database(dsn: str, application_name: str = "pipeline") -> psycopg.Connection:
-    """Connects and applies migrations; an unreachable server is one line and exit 3."""
-    from shards.store import migrations
+def connect_database(dsn: str, application_name: str = "pipeline") -> psycopg.Connection:
+    """Connects; an unreachable server is one line and exit 3."""
     from shards.store.pool import connect
 
     try:
-        conn = connect(dsn, application_name, connect_timeout=10)
+        return connect(dsn, application_name, connect_timeout=10)
     except psycopg.Error as exc:
         fail(f"cannot connect to the database: {_short(exc)}", RET_DATABASE)
+
+
+def open_database(dsn: str, application_name: str = "pipeline") -> psycopg.Connection:
+    """Connects and applies the migrations the database lacks."""
+    from shards.store import migrations
+
+    conn = connect_database(dsn, application_name)
     migrations.upgrade(conn)
     return conn
 
@@ -449,12 +455,7 @@ def upgrade(dsn: str | None, data_dir: str, log_level: str) -> None:
     from shards.store import migrations
 
     setup_logging(log_level)
-    dsn = resolve_dsn(dsn, data_dir)
-    try:
-        conn = psycopg.connect(dsn, application_name="pipeline", connect_timeout=10)
-    except psycopg.Error as exc:
-        fail(f"cannot connect to the database: {_short(exc)}", RET_DATABASE)
-    with conn:
+    with connect_database(resolve_dsn(dsn, data_dir)) as conn:
         applied = migrations.upgrade(conn)
     click.echo("applied " + ", ".join(applied) if applied else "schema is up to date")
 

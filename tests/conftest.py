@@ -33,17 +33,24 @@ def server_dsn() -> Iterator[str]:
         yield embedded.start(d)
 
 
-@pytest.fixture
-def dsn(server_dsn: str) -> Iterator[str]:
-    """A new empty database for one test, dropped afterwards."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
+@contextmanager
+def database(server_dsn: str, name: str) -> Iterator[str]:
+    """A new empty database on the server, dropped afterwards; yields its DSN."""
     with psycopg.connect(server_dsn, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         conn.execute(f"CREATE DATABASE {name}")
     info = psycopg.conninfo.conninfo_to_dict(server_dsn)
     info["dbname"] = name
     yield psycopg.conninfo.make_conninfo(**info)
     with psycopg.connect(server_dsn, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def dsn(server_dsn: str) -> Iterator[str]:
+    """A new empty database for one test, dropped afterwards."""
+    with database(server_dsn, f"t_{uuid.uuid4().hex[:12]}") as d:
+        yield d
 
 
 def pipeline_cmd(*args: str) -> list[str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import (digest, fake_network, identity_args, query, rows_committed,
+from tests.conftest import (database, digest, fake_network, identity_args, query, rows_committed,
                             run_pipeline, start_pipeline, wait_until)
 from tools.generate import did_documents, write_replay
 
@@ -32,24 +32,13 @@ def net() -> Iterator[tuple]:
 
 
 @pytest.fixture(scope="module")
-def clean_digest(server_dsn: str, replay_file: Path, net: tuple,
-                 tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def clean_digest(server_dsn: str, replay_file: Path, net: tuple) -> Iterator[dict[str, str]]:
     """The content a clean run leaves: what every faulty run must end with too."""
-    import psycopg
-
-    name = "t_clean_delivery"
-    with psycopg.connect(server_dsn, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {name}")
-    info = psycopg.conninfo.conninfo_to_dict(server_dsn)
-    info["dbname"] = name
-    dsn = psycopg.conninfo.make_conninfo(**info)
-    result = run_pipeline(*args(dsn, replay_file, net))
-    assert result.returncode == 0, result.stderr
-    assert f"committed         {EVENTS}" in result.stdout
-    yield digest(dsn)
-    with psycopg.connect(server_dsn, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    with database(server_dsn, "t_clean_delivery") as dsn:
+        result = run_pipeline(*args(dsn, replay_file, net))
+        assert result.returncode == 0, result.stderr
+        assert f"committed         {EVENTS}" in result.stdout
+        yield digest(dsn)
 
 
 def args(dsn: str, path: Path, net: tuple, *extra: str) -> list[str]:

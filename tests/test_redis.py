@@ -13,13 +13,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 import redis
 
 from pipeline.transport.redis import (GROUP, RedisWorkerLink, SupervisorTransport, lock_key,
                                       shard_stream)
-from tests.conftest import (digest, fake_network, identity_args, query, rows_committed,
+from tests.conftest import (database, digest, fake_network, identity_args, query, rows_committed,
                             run_pipeline, start_pipeline, wait_until)
 from tools.generate import did_documents, write_replay
 
@@ -71,21 +70,13 @@ def net() -> Iterator[tuple]:
 @pytest.fixture(scope="module")
 def local_run(server_dsn: str, replay_file: Path, net: tuple) -> Iterator[tuple[str, dict]]:
     """What a local run (child processes, no Redis) leaves in the tables: (dsn, digest)."""
-    name = "t_redis_local"
-    with psycopg.connect(server_dsn, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {name}")
-    info = psycopg.conninfo.conninfo_to_dict(server_dsn)
-    info["dbname"] = name
-    dsn = psycopg.conninfo.make_conninfo(**info)
-    result = run_pipeline("run", "--replay", str(replay_file), "--dsn", dsn, *identity_args(*net),
-                          "--batch-size", "500", "--log-level", "WARNING")
-    assert result.returncode == 0, result.stderr
-    assert f"committed         {EVENTS}" in result.stdout
-    assert f"dead-lettered     {len(BAD_LINES)}" in result.stdout
-    yield dsn, digest(dsn)
-    with psycopg.connect(server_dsn, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    with database(server_dsn, "t_redis_local") as dsn:
+        result = run_pipeline("run", "--replay", str(replay_file), "--dsn", dsn,
+                              *identity_args(*net), "--batch-size", "500", "--log-level", "WARNING")
+        assert result.returncode == 0, result.stderr
+        assert f"committed         {EVENTS}" in result.stdout
+        assert f"dead-lettered     {len(BAD_LINES)}" in result.stdout
+        yield dsn, digest(dsn)
 
 
 USER_COLUMNS = ("did, handle, incomplete, handle_verified, pds, active, status, display_name,"
