@@ -78,10 +78,10 @@ def test_any_non_public_address_refuses_before_connecting(monkeypatch: pytest.Mo
         def addresses(self, host: str) -> list[str]:
             return ["8.8.8.8", "127.0.0.1"]
 
-    def no_session() -> None:
+    def no_connection(*args: object) -> None:
         pytest.fail("a refused address must not be connected to")
 
-    monkeypatch.setattr(http_mod, "session", no_session)
+    monkeypatch.setattr(HttpFetcher, "_connect", no_connection)
     config = local_config(allow_private_addresses=False)
     fetcher = HttpFetcher(config, TwoAddresses(config))
     with pytest.raises(AddressRefused):
@@ -332,6 +332,14 @@ def test_keep_alive_connection_reused_across_fetches(stub: StubServer) -> None:
     for _ in range(5):
         assert fetcher.get(f"{stub.url}/x", max_bytes=10).body == b"ok"
     assert stub.connections == 1
+
+
+def test_connection_closed_while_idle_is_replaced(stub: StubServer) -> None:
+    fetcher = HttpFetcher(local_config(), DnsClient(local_config()))
+    stub.route("/x", b"ok", drop=True)
+    for _ in range(3):  # each answer is followed by the server closing the pooled connection
+        assert fetcher.get(f"{stub.url}/x", max_bytes=10).body == b"ok"
+    assert stub.count("/x") == 3 and stub.connections == 3
 
 
 def test_many_threads_share_one_fetcher(dns: FakeDNS, stub: StubServer) -> None:

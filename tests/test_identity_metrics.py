@@ -1,10 +1,9 @@
-"""Counters (the figures the run summary prints and Prometheus exports) and the shared session."""
+"""Counters (the figures the run summary prints and Prometheus exports)."""
 from __future__ import annotations
 
 import threading
 
 from shards.identity import Counters, build_directory
-from shards.identity.http import session
 from shards.identity.metrics import METHODS, RESULTS
 from shards.identity.testing import local_config
 
@@ -40,7 +39,3 @@ def test_counting_is_thread_safe() -> None:
         t.join()
     assert counters.get("resolution.plc.ok") == 16000
 
-
-def test_one_session_per_process_ignoring_environment() -> None:
-    assert session() is session()
-    assert session().trust_env is False

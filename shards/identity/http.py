@@ -5,41 +5,36 @@ the name in the Host header, TLS SNI and certificate check; so a DNS answer that
 between check and connect (rebinding) cannot aim it inward. A vetted address is reused for
 its DNS TTL (at most `address_ttl`), then looked up and vetted again.
 
-The process's one requests Session owns the connection pools (keep-alive, one pool per pinned
-address); a fetch goes straight to the pinned urllib3 pool, skipping requests' per-request
-layers (preparation, hooks, cookies), which cost more CPU than the exchange itself.
+Requests and responses go through h11 (HTTP/1.1 framing and checks, no I/O of its own) over
+keep-alive sockets kept per pinned address. A fetch is a GET of a small document, so this
+is all it needs; the general clients (requests, urllib3) cost several times more CPU per
+fetch than the exchange itself, which dominated a replay whose authors are new.
 """
 from __future__ import annotations
 
-import http.cookiejar
 import os
+import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
 
-import requests
-import urllib3
-import urllib3.exceptions
-from requests.adapters import HTTPAdapter
-from requests.utils import DEFAULT_CA_BUNDLE_PATH
-from urllib3.util.ssl_ import create_urllib3_context
+import certifi
+import h11
 
 from .addresses import is_public_address, preferred_address
 from .config import IdentityConfig
 from .directory import AddressRefused, ResolutionFailed
-from .dnsclient import DnsClient, is_ip_literal
+from .dnsclient import DnsClient
 
-POOL_MAXSIZE = 128  # keep-alive connections kept per upstream address
+POOL_MAXSIZE = 128  # idle keep-alive connections kept per upstream address
 MAX_VETTED_HOSTS = 10_000  # vetted addresses remembered (oldest forgotten first)
-_CHUNK = 16 * 1024
+_CHUNK = 64 * 1024
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _REDIRECTS = frozenset((301, 302, 303, 307, 308))
-_NO_RETRIES = urllib3.Retry(total=False, redirect=False, raise_on_redirect=False)
-_TRANSPORT_ERRORS = (urllib3.exceptions.HTTPError, OSError)
+_TRANSPORT_ERRORS = (OSError, h11.ProtocolError)  # OSError covers timeouts and TLS errors
 
 
 class ResponseTooLarge(ResolutionFailed):
@@ -55,46 +50,31 @@ class Fetched:
     body: bytes = b""
 
 
-_session: requests.Session | None = None
-_session_pid: int | None = None
-_session_lock = threading.Lock()
-
-
-def session() -> requests.Session:
-    """The process's one Session, shared by all threads; a forked child makes its own."""
-    global _session, _session_pid
-    with _session_lock:
-        if _session is None or _session_pid != os.getpid():
-            s = requests.Session()
-            s.trust_env = False  # no proxies or .netrc from the environment: we pin addresses
-            s.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
-            adapter = HTTPAdapter(pool_connections=64, pool_maxsize=POOL_MAXSIZE, max_retries=0)
-            s.mount("http://", adapter)
-            s.mount("https://", adapter)
-            _session, _session_pid = s, os.getpid()
-        return _session
-
-
-def _pool_manager() -> urllib3.PoolManager:
-    """The pinned pools of the process's Session (one per address, port and TLS name)."""
-    adapter = session().get_adapter("https://")
-    manager: urllib3.PoolManager = adapter.poolmanager  # type: ignore[attr-defined]
-    return manager
-
-
 def _tls_context(ca_bundle: str | None) -> ssl.SSLContext:
-    """Certificates required, checked against the name (urllib3 matches it, see assert_hostname)."""
-    context = create_urllib3_context(cert_reqs=ssl.CERT_REQUIRED)
-    # One context is shared by every pool and thread, so it is never changed after this:
-    # urllib3 matches the certificate against assert_hostname (the name, SAN only) itself.
-    context.check_hostname = False
+    """Certificates required and checked against the name (SAN only) given at connect."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     context.hostname_checks_common_name = False
-    location = ca_bundle or DEFAULT_CA_BUNDLE_PATH
+    location = ca_bundle or certifi.where()
     if os.path.isdir(location):
         context.load_verify_locations(capath=location)
     else:
         context.load_verify_locations(cafile=location)
     return context
+
+
+@dataclass
+class _Connection:
+    """One keep-alive connection to a pinned address; h11 tracks where its exchange is."""
+
+    sock: socket.socket
+    http: h11.Connection = field(default_factory=lambda: h11.Connection(h11.CLIENT))
+    reused: bool = False
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
 
 
 class HttpFetcher:
@@ -108,12 +88,10 @@ class HttpFetcher:
         self._config = config
         self._dns = dns
         self._clock = clock
-        self._timeout = urllib3.Timeout(connect=config.connect_timeout, read=config.read_timeout)
         self._lock = threading.Lock()
         self._vetted: dict[str, tuple[float, str]] = {}  # host -> (expires, address)
-        self._manager: urllib3.PoolManager | None = None
-        self._manager_pid = 0
-        self._pools: dict[tuple[str, str, int, str], Any] = {}
+        self._idle: dict[tuple[str, str, int, str], list[_Connection]] = {}
+        self._idle_pid = os.getpid()
         self._tls: ssl.SSLContext | None = None
 
     def get(self, url: str, *, max_bytes: int, accept: str = "application/json") -> Fetched:
@@ -170,41 +148,41 @@ class HttpFetcher:
         with self._lock:
             self._vetted.pop(host, None)
 
-    # -- pools ----------------------------------------------------------------------------
-    def _pool(self, scheme: str, address: str, port: int, name: str) -> Any:
-        """The keep-alive pool for one pinned address (and TLS name), from the Session's manager.
+    # -- connections ----------------------------------------------------------------------
+    def _checkout(self, key: tuple[str, str, int, str]) -> _Connection | None:
+        """An idle keep-alive connection for `key`, most recently used first; a forked child
+        never reuses its parent's."""
+        with self._lock:
+            if self._idle_pid != os.getpid():
+                self._idle, self._idle_pid = {}, os.getpid()
+            idle = self._idle.get(key)
+            return idle.pop() if idle else None
 
-        Remembered here, which saves the manager's key building on every fetch; a pool the
-        manager has since dropped (and closed) is asked for again."""
-        key = (scheme, address, port, name)
-        pool = self._pools.get(key)
-        if pool is not None and pool.pool is not None and self._manager_pid == os.getpid():
-            return pool
+    def _checkin(self, key: tuple[str, str, int, str], conn: _Connection) -> None:
         with self._lock:
-            if self._manager is None or self._manager_pid != os.getpid():
-                self._manager, self._manager_pid = _pool_manager(), os.getpid()
-                self._pools.clear()
-            manager = self._manager
-        if scheme == "http":
-            pool = manager.connection_from_host(address, port, "http")
-        else:
-            pool = manager.connection_from_host(address, port, "https",
-                                                pool_kwargs=self._tls_pool_kwargs(name))
-        with self._lock:
-            if len(self._pools) >= MAX_VETTED_HOSTS:
-                self._pools.clear()
-            self._pools[key] = pool
-        return pool
+            idle = self._idle.setdefault(key, []) if self._idle_pid == os.getpid() else None
+            if idle is not None and len(idle) < POOL_MAXSIZE:
+                conn.reused = True
+                idle.append(conn)
+                return
+        conn.close()
 
-    def _tls_pool_kwargs(self, name: str) -> dict[str, Any]:
-        with self._lock:
+    def _connect(self, scheme: str, address: str, port: int, name: str) -> _Connection:
+        sock = socket.create_connection((address, port), timeout=self._config.connect_timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if scheme == "https":  # connect to the address, do TLS for the name
+                sock = self._tls_context().wrap_socket(sock, server_hostname=name)
+        except BaseException:
+            sock.close()
+            raise
+        return _Connection(sock)
+
+    def _tls_context(self) -> ssl.SSLContext:
+        with self._lock:  # one context, shared by every connection and never changed after
             if self._tls is None:
                 self._tls = _tls_context(self._config.ca_bundle)
-            kwargs: dict[str, Any] = {"ssl_context": self._tls, "cert_reqs": "CERT_REQUIRED"}
-        if not is_ip_literal(name):  # connect to the address, do TLS for the name
-            kwargs["server_hostname"] = name
-            kwargs["assert_hostname"] = name
-        return kwargs
+            return self._tls
 
     # -- one request ----------------------------------------------------------------------
     def _get_once(
@@ -223,57 +201,97 @@ class HttpFetcher:
         target = parts.path or "/"
         if parts.query:
             target += f"?{parts.query}"
-        headers = {
-            "Host": parts.netloc,  # the name, not the pinned address
-            "Accept": accept,
-            "Accept-Encoding": "identity",
-            "User-Agent": self._config.user_agent,
-        }
         try:
-            pool = self._pool(parts.scheme, address, port, name)
-            resp = pool.urlopen(
-                "GET", target, headers=headers, retries=_NO_RETRIES, redirect=False,
-                assert_same_host=False, timeout=self._timeout, preload_content=False,
-                release_conn=False,
-            )
-        except _TRANSPORT_ERRORS as exc:
-            self.forget(name)  # the host may have moved: look it up again next time
-            raise ResolutionFailed(f"GET {url}: {exc}", upstream=upstream) from exc
-        complete = False
+            request = h11.Request(method="GET", target=target, headers=[
+                ("Host", parts.netloc),  # the name, not the pinned address
+                ("Accept", accept),
+                ("Accept-Encoding", "identity"),
+                ("User-Agent", self._config.user_agent),
+            ])
+        except h11.LocalProtocolError as exc:
+            raise ResolutionFailed(f"unsupported URL {url!r}: {exc}") from exc
+        key = (parts.scheme, address, port, name)
+        while True:
+            try:
+                conn = self._checkout(key) or self._connect(parts.scheme, address, port, name)
+                return self._exchange(key, conn, request, url, upstream, max_bytes, deadline)
+            except _Stale:
+                continue  # the server closed an idle connection: the GET is sent again, afresh
+            except _TRANSPORT_ERRORS as exc:
+                self.forget(name)  # the host may have moved: look it up again next time
+                raise ResolutionFailed(f"GET {url}: {exc}", upstream=upstream) from exc
+
+    def _exchange(
+        self, key: tuple[str, str, int, str], conn: _Connection, request: h11.Request,
+        url: str, upstream: str, max_bytes: int, deadline: float,
+    ) -> tuple[Fetched, str | None]:
+        """Sends the GET and reads the answer; the connection goes back to the pool only after a
+        complete exchange, and is closed otherwise (an unread body is never drained)."""
+        kept = False
         try:
-            status = resp.status
-            if status in _REDIRECTS:
-                location = resp.headers.get("Location")
-                if location is not None:
-                    return Fetched(url, status), location
+            http = conn.http
+            data = http.send(request) + http.send(h11.EndOfMessage())
+            self._timeout(conn, deadline, url, upstream)
+            try:
+                conn.sock.sendall(data)
+                event = self._next(conn, url, upstream, deadline)
+            except (ConnectionError, h11.RemoteProtocolError):
+                if conn.reused:
+                    raise _Stale from None
+                raise
+            if isinstance(event, h11.ConnectionClosed) and conn.reused:
+                raise _Stale
+            if not isinstance(event, h11.Response):
+                raise ResolutionFailed(f"GET {url}: closed without an answer", upstream=upstream)
+            status = event.status_code
+            headers = dict(event.headers)
+            if status in _REDIRECTS and b"location" in headers:
+                return Fetched(url, status), headers[b"location"].decode("latin-1")
             if status != 200:
                 return Fetched(url, status), None
-            body = _read_capped(resp, url, upstream, max_bytes, deadline)
-            complete = True
-            return Fetched(url, 200, body), None
+            declared = headers.get(b"content-length", b"")
+            if declared.isdigit() and int(declared) > max_bytes:
+                raise ResponseTooLarge(f"{url}: Content-Length {declared.decode()} > {max_bytes}",
+                                       upstream=upstream)
+            body = bytearray()
+            while True:
+                event = self._next(conn, url, upstream, deadline)
+                if isinstance(event, h11.Data):
+                    body += event.data
+                    if len(body) > max_bytes:
+                        raise ResponseTooLarge(f"{url}: body over {max_bytes} bytes",
+                                               upstream=upstream)
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+                else:
+                    raise ResolutionFailed(f"GET {url}: connection closed mid-body",
+                                           upstream=upstream)
+            if http.our_state is h11.DONE and http.their_state is h11.DONE:
+                http.start_next_cycle()
+                kept = True
+            return Fetched(url, 200, bytes(body)), None
         finally:
-            if not complete:
-                resp.close()  # an unread body closes the connection rather than draining it
-            resp.release_conn()  # a fully read one goes back to the pool, kept alive
+            if kept:
+                self._checkin(key, conn)
+            else:
+                conn.close()
 
-
-def _read_capped(resp: Any, url: str, upstream: str, max_bytes: int, deadline: float) -> bytes:
-    """Reads at most max_bytes (+ one chunk) and gives up past the deadline."""
-    declared = resp.headers.get("Content-Length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
-        raise ResponseTooLarge(f"{url}: Content-Length {declared} > {max_bytes}", upstream=upstream)
-    chunk_size = min(_CHUNK, max_bytes + 1)
-    body = bytearray()
-    try:
+    def _next(self, conn: _Connection, url: str, upstream: str, deadline: float) -> object:
+        """The next h11 event, reading from the socket as needed, within the deadline."""
+        http = conn.http
         while True:
-            chunk = resp.read(chunk_size)
-            if not chunk:
-                break
-            body += chunk
-            if len(body) > max_bytes:
-                raise ResponseTooLarge(f"{url}: body over {max_bytes} bytes", upstream=upstream)
-            if time.monotonic() > deadline:
-                raise ResolutionFailed(f"{url}: body not read in time", upstream=upstream)
-    except _TRANSPORT_ERRORS as exc:
-        raise ResolutionFailed(f"GET {url}: {exc}", upstream=upstream) from exc
-    return bytes(body)
+            event = http.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            self._timeout(conn, deadline, url, upstream)
+            http.receive_data(conn.sock.recv(_CHUNK))
+
+    def _timeout(self, conn: _Connection, deadline: float, url: str, upstream: str) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ResolutionFailed(f"{url}: not answered in time", upstream=upstream)
+        conn.sock.settimeout(min(self._config.read_timeout, remaining))
+
+
+class _Stale(Exception):
+    """A reused keep-alive connection turned out closed before any answer."""

@@ -48,6 +48,7 @@ class Route:
     chunk: int = 16 * 1024
     pause: float = 0.0  # between chunks
     declare_length: bool = False
+    drop: bool = False  # close the connection after answering, without saying so
 
 
 @dataclass
@@ -93,6 +94,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(route.body)))
         self.end_headers()
         self.wfile.write(route.body)
+        self.close_connection = route.drop
 
     def _stream(self, stub: StubServer, route: Route) -> None:
         result = stub.streams.setdefault(self.path, StreamResult())
@@ -183,13 +185,15 @@ class StubServer:
         self.stop()
 
     def route(self, path: str, body: bytes | str | dict[str, Any] | list[Any] = b"", *,
-              status: int = 200, headers: dict[str, str] | None = None) -> None:
-        """Serves `body` (dicts and lists as JSON) at `path`."""
+              status: int = 200, headers: dict[str, str] | None = None,
+              drop: bool = False) -> None:
+        """Serves `body` (dicts and lists as JSON) at `path`; `drop`: then closes the
+        keep-alive connection unannounced, as an idle timeout would."""
         if isinstance(body, (dict, list)):
             body = json.dumps(body).encode()
         elif isinstance(body, str):
             body = body.encode()
-        self.routes[path] = Route(status=status, body=body, headers=dict(headers or {}))
+        self.routes[path] = Route(status=status, body=body, headers=dict(headers or {}), drop=drop)
 
     def document(self, doc: dict[str, Any], path: str | None = None) -> None:
         """Serves a DID document where a PLC directory would (`/{did}`) unless `path` is given."""
