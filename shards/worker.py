@@ -2,7 +2,7 @@
 
 Messages in: ("batch", batch_id, read_time, idxs, positions, lines) and ("stop",).
 Messages out: ("ready", shard), ("ack", shard, {batch_id: (committed_idxs, dead_idxs)})
-after each commit, ("stats", shard, stats) now and then, and a last ("stats", ...) on exit."""
+after each commit (and with empty lists as soon as a batch is taken), ("stats", shard, stats) now and then, and a last ("stats", ...) on exit."""
 from __future__ import annotations
 
 import logging
@@ -11,7 +11,7 @@ import signal
 import socket
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -29,6 +29,10 @@ from shards.users import UserCreations
 log = logging.getLogger("pipeline.shard")
 
 STATS_EVERY = 1.0
+# A transaction stays open this long for more events, up to GROUP_EVENTS: resolutions finish
+# one by one, and committing each on its own cost more than the rows it wrote.
+LINGER = 0.05
+GROUP_EVENTS = 2000
 DEAD_RAW_BYTES = 64 * 1024  # what a dead letter keeps of an oversized line
 
 
@@ -79,6 +83,24 @@ class Acks:
         self.batches.setdefault(batch, ([], []))[1 if dead else 0].append(idx)
 
 
+@dataclass
+class OpenWrite:
+    """The next transaction, gathered over at most LINGER seconds: rows, events, acknowledgements."""
+
+    changes: Changes = field(default_factory=Changes)
+    acks: Acks = field(default_factory=Acks)
+    events: list[Event] = field(default_factory=list)
+    since: float | None = None  # when the first thing was added
+
+    def add(self, ev: Event) -> None:
+        self.changes.add(ev)
+        self.acks.add(ev.batch, ev.idx)
+        self.events.append(ev)
+
+    def size(self) -> int:
+        return len(self.events) + len(self.changes.dead) + len(self.changes.users)
+
+
 class ShardWorker:
     """The loop of one shard process; see the module docstring for its messages."""
 
@@ -110,42 +132,51 @@ class ShardWorker:
         self.conn.send(("ready", self.config.shard))
         self.refresher.start()
         last_stats = time.monotonic()
-        while not (self.stopping and not self.users.pending):
+        txn = OpenWrite()
+        while not (self.stopping and not self.users.pending and not txn.changes):
             now = time.monotonic()
+            timeout = 0.5
             deadline = self.users.next_deadline()
-            timeout = 0.5 if deadline is None else min(0.5, max(0.0, deadline - now))
+            if deadline is not None:
+                timeout = min(timeout, max(0.0, deadline - now))
+            if txn.since is not None:
+                timeout = min(timeout, max(0.0, txn.since + LINGER - now))
             ready = wait([self.conn, self._wake_r], timeout)
-            changes, acks = Changes(), Acks()
-            events: list[Event] = []
             if self.conn in ready:
+                taken: dict[int, tuple[list[int], list[int]]] = {}
                 while not self.stopping and self.conn.poll():
                     msg = self.conn.recv()
                     if msg[0] == "stop":
                         self.stopping = True
                     else:
-                        self._take(msg, changes, acks, events)
+                        taken[msg[1]] = ([], [])
+                        self._take(msg, txn)
+                if taken:  # frees the supervisor to send more while this transaction gathers
+                    self.conn.send(("ack", self.config.shard, taken))
             if self._wake_r in ready:
                 try:
                     self._wake_r.recv(4096)
                 except BlockingIOError:
                     pass
-            for pending, user in self.users.settle_due(time.monotonic()):
+            now = time.monotonic()
+            for pending, user in self.users.settle_due(now):
                 self.stats.users_created += 1
                 self.stats.users_fallback += user.fallback
                 self.stats.users_unverified += (not user.fallback and user.incomplete)
-                changes.users.append(user.row())
+                txn.changes.users.append(user.row())
                 self.known.add(pending.did)
                 for ev in pending.events:
-                    changes.add(ev)
-                    acks.add(ev.batch, ev.idx)
-                    events.append(ev)
-            if changes:
-                self._commit(changes, events, acks)
-            if acks.batches:
-                self.conn.send(("ack", self.config.shard, acks.batches))
-            if time.monotonic() - last_stats >= STATS_EVERY:
+                    txn.add(ev)
+            if txn.changes and txn.since is None:
+                txn.since = now
+            if txn.changes and (self.stopping or txn.size() >= GROUP_EVENTS
+                                or now - txn.since >= LINGER):
+                self._commit(txn)
+                self.conn.send(("ack", self.config.shard, txn.acks.batches))
+                txn = OpenWrite()
+            if now - last_stats >= STATS_EVERY:
                 self.conn.send(("stats", self.config.shard, self.snapshot()))
-                last_stats = time.monotonic()
+                last_stats = now
         self.refresher.stop()
         self.conn.send(("stats", self.config.shard, self.snapshot()))
 
@@ -161,19 +192,19 @@ class ShardWorker:
         self.stats.refresher_backlog = self.refresher.backlog
         return self.stats
 
-    def _take(self, msg: tuple[Any, ...], changes: Changes, acks: Acks, events: list[Event]) -> None:
-        """Decodes a batch; events of known authors go into this transaction, others wait."""
+    def _take(self, msg: tuple[Any, ...], txn: OpenWrite) -> None:
+        """Decodes a batch; events of known authors go into the open transaction, others wait."""
         _, batch_id, read_time, idxs, positions, lines = msg
         received = time.monotonic()
         self.batches[batch_id] = [read_time, len(idxs)]
-        acks.batches.setdefault(batch_id, ([], []))  # acknowledged as taken even if all wait
         unknown: dict[str, list[Event]] = {}
         for idx, position, raw in zip(idxs, positions, lines):
             try:
                 ev = decode(raw, batch_id, idx, position)
             except BadEvent as exc:
-                changes.dead.append((self.config.source, position, raw[:DEAD_RAW_BYTES], str(exc)))
-                acks.add(batch_id, idx, dead=True)
+                txn.changes.dead.append(
+                    (self.config.source, position, raw[:DEAD_RAW_BYTES], str(exc)))
+                txn.acks.add(batch_id, idx, dead=True)
                 self.stats.dead_reasons[str(exc).split(":")[0]] += 1
                 continue
             pending = self.users.pending.get(ev.did)
@@ -181,9 +212,7 @@ class ShardWorker:
                 pending.events.append(ev)
                 self.users.coalesced += 1
             elif ev.did in self.known:
-                changes.add(ev)
-                acks.add(ev.batch, ev.idx)
-                events.append(ev)
+                txn.add(ev)
             else:
                 unknown.setdefault(ev.did, []).append(ev)
         if not unknown:
@@ -193,9 +222,7 @@ class ShardWorker:
             if did in existing:
                 self.known.add(did)
                 for ev in evs:
-                    changes.add(ev)
-                    acks.add(ev.batch, ev.idx)
-                    events.append(ev)
+                    txn.add(ev)
             else:
                 self.users.begin(did, received).events.extend(evs)
 
@@ -216,8 +243,9 @@ class ShardWorker:
                     self.config.shard, delay, str(exc).strip().splitlines()[0] if str(exc) else exc)
         time.sleep(delay)
 
-    def _commit(self, changes: Changes, events: list[Event], acks: Acks) -> None:
+    def _commit(self, txn: OpenWrite) -> None:
         """One transaction; retried on connection faults, split event by event on bad data."""
+        changes, events, acks = txn.changes, txn.events, txn.acks
         attempt = 0
         while True:
             try:
