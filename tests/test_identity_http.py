@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -356,3 +358,59 @@ def test_many_threads_share_one_fetcher(dns: FakeDNS, stub: StubServer) -> None:
     assert bodies == [str(i).encode() for i in range(200)]
     assert dns.count("web.test", "A") <= 8  # only the first fetches of each thread may ask
     assert stub.connections <= 8
+
+
+# -- framing: chunked bodies, bodies that end with the connection, unsafe targets -----------
+
+@pytest.fixture
+def raw_server() -> Iterator[tuple[str, list[bytes]]]:
+    """Answers each connection's first request with the next canned bytes, then closes."""
+    answers: list[bytes] = []
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    request += conn.recv(4096)
+                conn.sendall(answers.pop(0))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}", answers
+    listener.close()
+
+
+def test_chunked_body_is_joined(raw_server: tuple[str, list[bytes]]) -> None:
+    url, answers = raw_server
+    answers.append(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+    fetcher = HttpFetcher(local_config(), DnsClient(local_config()))
+    assert fetcher.get(f"{url}/x", max_bytes=100).body == b"hello world"
+    answers.append(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   b"40\r\n" + b"x" * 64 + b"\r\n0\r\n\r\n")
+    with pytest.raises(ResponseTooLarge):
+        fetcher.get(f"{url}/x", max_bytes=63)
+
+
+def test_body_ending_with_the_connection(raw_server: tuple[str, list[bytes]]) -> None:
+    url, answers = raw_server
+    answers.append(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end")
+    fetcher = HttpFetcher(local_config(), DnsClient(local_config()))
+    assert fetcher.get(f"{url}/x", max_bytes=100).body == b"until the end"
+    answers.append(b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\ncut short")
+    with pytest.raises(ResolutionFailed, match="closed mid-body"):
+        fetcher.get(f"{url}/x", max_bytes=100)
+
+
+@pytest.mark.parametrize("path", ["/a b", "/a\r\nX-Injected: 1", "/caf\u00e9"])
+def test_targets_that_could_split_the_request_are_refused(stub: StubServer, path: str) -> None:
+    fetcher = HttpFetcher(local_config(), DnsClient(local_config()))
+    with pytest.raises(ResolutionFailed, match="unsupported URL"):
+        fetcher.get(f"{stub.url}{path}", max_bytes=10)
+    assert stub.count() == 0

@@ -5,24 +5,26 @@ the name in the Host header, TLS SNI and certificate check; so a DNS answer that
 between check and connect (rebinding) cannot aim it inward. A vetted address is reused for
 its DNS TTL (at most `address_ttl`), then looked up and vetted again.
 
-Requests and responses go through h11 (HTTP/1.1 framing and checks, no I/O of its own) over
-keep-alive sockets kept per pinned address. A fetch is a GET of a small document, so this
-is all it needs; the general clients (requests, urllib3) cost several times more CPU per
-fetch than the exchange itself, which dominated a replay whose authors are new.
+A fetch is a GET of a small document over a keep-alive socket kept per pinned address: the
+request is two header lines and a target checked for anything that could split it, and the
+answer is framed by httptools (llhttp: status, headers, Content-Length or chunked bodies).
+General clients (requests and urllib3, or h11 in pure Python) cost several times the CPU of
+the exchange itself per fetch, which dominated a replay whose authors are new.
 """
 from __future__ import annotations
 
 import os
+import re
 import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
 import certifi
-import h11
+import httptools
 
 from .addresses import is_public_address, preferred_address
 from .config import IdentityConfig
@@ -34,7 +36,8 @@ MAX_VETTED_HOSTS = 10_000  # vetted addresses remembered (oldest forgotten first
 _CHUNK = 64 * 1024
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _REDIRECTS = frozenset((301, 302, 303, 307, 308))
-_TRANSPORT_ERRORS = (OSError, h11.ProtocolError)  # OSError covers timeouts and TLS errors
+_TRANSPORT_ERRORS = (OSError, httptools.HttpParserError)  # OSError: timeouts and TLS too
+_UNSAFE = re.compile(r"[^\x21-\x7e]")  # what must never reach a request line or header
 
 
 class ResponseTooLarge(ResolutionFailed):
@@ -64,10 +67,9 @@ def _tls_context(ca_bundle: str | None) -> ssl.SSLContext:
 
 @dataclass
 class _Connection:
-    """One keep-alive connection to a pinned address; h11 tracks where its exchange is."""
+    """One keep-alive connection to a pinned address."""
 
     sock: socket.socket
-    http: h11.Connection = field(default_factory=lambda: h11.Connection(h11.CLIENT))
     reused: bool = False
 
     def close(self) -> None:
@@ -75,6 +77,39 @@ class _Connection:
             self.sock.close()
         except OSError:
             pass
+
+
+class _Response:
+    """httptools' callbacks for one answer: status, the headers a fetch needs, the body."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.max_bytes = max_bytes
+        self.status = 0
+        self.headers: dict[bytes, bytes] = {}
+        self.body = bytearray()
+        self.headers_done = False
+        self.complete = False
+        self.keep_alive = False
+        self.messages = 0  # a second one means the server sent more than it was asked
+
+    def on_message_begin(self) -> None:
+        self.messages += 1
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.lower()] = value
+
+    def on_headers_complete(self) -> None:
+        self.headers_done = True  # the parser tells these only until the message ends
+        self.status = self.parser.get_status_code()
+        self.keep_alive = self.parser.should_keep_alive()
+
+    def on_body(self, body: bytes) -> None:
+        if len(self.body) <= self.max_bytes:  # past the cap it is refused anyway
+            self.body += body
+
+    def on_message_complete(self) -> None:
+        self.complete = True
 
 
 class HttpFetcher:
@@ -93,6 +128,9 @@ class HttpFetcher:
         self._idle: dict[tuple[str, str, int, str], list[_Connection]] = {}
         self._idle_pid = os.getpid()
         self._tls: ssl.SSLContext | None = None
+        if _UNSAFE.search(config.user_agent.replace(" ", "")):
+            raise ValueError(f"unusable User-Agent {config.user_agent!r}")
+        self._user_agent = config.user_agent
 
     def get(self, url: str, *, max_bytes: int, accept: str = "application/json") -> Fetched:
         """Fetches `url`. Non-200 statuses are returned without their body.
@@ -197,19 +235,15 @@ class HttpFetcher:
             port = parts.port or _DEFAULT_PORTS[parts.scheme]
         except ValueError as exc:
             raise ResolutionFailed(f"bad port in {url!r}") from exc
-        address = self._vetted_address(name)
         target = parts.path or "/"
         if parts.query:
             target += f"?{parts.query}"
-        try:
-            request = h11.Request(method="GET", target=target, headers=[
-                ("Host", parts.netloc),  # the name, not the pinned address
-                ("Accept", accept),
-                ("Accept-Encoding", "identity"),
-                ("User-Agent", self._config.user_agent),
-            ])
-        except h11.LocalProtocolError as exc:
-            raise ResolutionFailed(f"unsupported URL {url!r}: {exc}") from exc
+        if _UNSAFE.search(target) or _UNSAFE.search(parts.netloc):
+            raise ResolutionFailed(f"unsupported URL {url!r}")
+        address = self._vetted_address(name)
+        request = (f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\n"  # the name, not the address
+                   f"Accept: {accept}\r\nAccept-Encoding: identity\r\n"
+                   f"User-Agent: {self._user_agent}\r\n\r\n").encode()
         key = (parts.scheme, address, port, name)
         while True:
             try:
@@ -222,69 +256,66 @@ class HttpFetcher:
                 raise ResolutionFailed(f"GET {url}: {exc}", upstream=upstream) from exc
 
     def _exchange(
-        self, key: tuple[str, str, int, str], conn: _Connection, request: h11.Request,
+        self, key: tuple[str, str, int, str], conn: _Connection, request: bytes,
         url: str, upstream: str, max_bytes: int, deadline: float,
     ) -> tuple[Fetched, str | None]:
         """Sends the GET and reads the answer; the connection goes back to the pool only after a
         complete exchange, and is closed otherwise (an unread body is never drained)."""
         kept = False
+        answer = _Response(max_bytes)
         try:
-            http = conn.http
-            data = http.send(request) + http.send(h11.EndOfMessage())
             self._timeout(conn, deadline, url, upstream)
             try:
-                conn.sock.sendall(data)
-                event = self._next(conn, url, upstream, deadline)
-            except (ConnectionError, h11.RemoteProtocolError):
+                conn.sock.sendall(request)
+                closed = self._read(conn, answer, url, upstream, deadline,
+                                    lambda: answer.headers_done)
+            except ConnectionError:
                 if conn.reused:
                     raise _Stale from None
                 raise
-            if isinstance(event, h11.ConnectionClosed) and conn.reused:
-                raise _Stale
-            if not isinstance(event, h11.Response):
+            if not answer.headers_done:
+                if conn.reused and not answer.messages:
+                    raise _Stale
                 raise ResolutionFailed(f"GET {url}: closed without an answer", upstream=upstream)
-            status = event.status_code
-            headers = dict(event.headers)
-            if status in _REDIRECTS and b"location" in headers:
-                return Fetched(url, status), headers[b"location"].decode("latin-1")
+            status = answer.status
+            location = answer.headers.get(b"location")
+            if status in _REDIRECTS and location is not None:
+                return Fetched(url, status), location.decode("latin-1")
             if status != 200:
                 return Fetched(url, status), None
-            declared = headers.get(b"content-length", b"")
+            declared = answer.headers.get(b"content-length", b"")
             if declared.isdigit() and int(declared) > max_bytes:
                 raise ResponseTooLarge(f"{url}: Content-Length {declared.decode()} > {max_bytes}",
                                        upstream=upstream)
-            body = bytearray()
-            while True:
-                event = self._next(conn, url, upstream, deadline)
-                if isinstance(event, h11.Data):
-                    body += event.data
-                    if len(body) > max_bytes:
-                        raise ResponseTooLarge(f"{url}: body over {max_bytes} bytes",
-                                               upstream=upstream)
-                elif isinstance(event, h11.EndOfMessage):
-                    break
-                else:
+            if not closed:
+                closed = self._read(conn, answer, url, upstream, deadline,
+                                    lambda: answer.complete)
+            if len(answer.body) > max_bytes:
+                raise ResponseTooLarge(f"{url}: body over {max_bytes} bytes", upstream=upstream)
+            if not answer.complete:
+                # Only a body without length or chunks may end with the connection.
+                if not closed or declared or b"transfer-encoding" in answer.headers:
                     raise ResolutionFailed(f"GET {url}: connection closed mid-body",
                                            upstream=upstream)
-            if http.our_state is h11.DONE and http.their_state is h11.DONE:
-                http.start_next_cycle()
-                kept = True
-            return Fetched(url, 200, bytes(body)), None
+            kept = answer.keep_alive and not closed and answer.messages == 1
+            return Fetched(url, 200, bytes(answer.body)), None
         finally:
             if kept:
                 self._checkin(key, conn)
             else:
                 conn.close()
 
-    def _next(self, conn: _Connection, url: str, upstream: str, deadline: float) -> object:
-        """The next h11 event, reading from the socket as needed, within the deadline."""
-        http = conn.http
-        while True:
-            event = http.next_event()
-            if event is not h11.NEED_DATA:
-                return event
+    def _read(self, conn: _Connection, answer: _Response, url: str, upstream: str,
+              deadline: float, enough: Callable[[], bool]) -> bool:
+        """Feeds the parser until `enough()` or the body is over the cap; True if the server
+        closed the connection."""
+        while not enough() and len(answer.body) <= answer.max_bytes:
             self._timeout(conn, deadline, url, upstream)
-            http.receive_data(conn.sock.recv(_CHUNK))
+            data = conn.sock.recv(_CHUNK)
+            if not data:
+                return True
+            answer.parser.feed_data(data)
+        return False
 
     def _timeout(self, conn: _Connection, deadline: float, url: str, upstream: str) -> None:
         remaining = deadline - time.monotonic()
