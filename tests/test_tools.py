@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -225,3 +226,57 @@ def test_hundreds_of_held_connections_and_a_prompt_stop() -> None:
         except ConnectionResetError:
             pass
         sock.close()
+
+
+def _read_response(stream: Any) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response off a socket file: status, headers (lowercase names), body."""
+    status = int(stream.readline().split()[1])
+    headers = {}
+    while (line := stream.readline()) != b"\r\n":
+        name, _, value = line.decode().partition(":")
+        headers[name.lower()] = value.strip()
+    return status, headers, stream.read(int(headers["content-length"]))
+
+
+def test_raw_keep_alive_pipelining_and_closing() -> None:
+    with FakePLC(DOCS, latency=(0, 0)) as plc, \
+            socket.create_connection(("127.0.0.1", plc.port), timeout=5) as sock:
+        stream = sock.makefile("rb")
+        sock.sendall(f"GET /{A} HTTP/1.1\r\nHost: x\r\n\r\n"
+                     f"GET /did:plc:unknown?x=1 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        status, headers, body = _read_response(stream)
+        assert (status, headers["content-type"]) == (200, "application/json; charset=utf-8")
+        assert orjson.loads(body) == DOCS[A]
+        status, _, body = _read_response(stream)
+        assert status == 404 and b"did:plc:unknown" in body
+        for _ in range(3):  # the same connection keeps serving
+            sock.sendall(f"GET /{B} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert _read_response(stream)[0] == 200
+        sock.sendall(f"GET /{C} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        assert _read_response(stream)[0] == 200
+        assert stream.read() == b""
+        assert plc.total_requests == 6
+
+
+@pytest.mark.parametrize(("request_bytes", "status"), [
+    (f"GET /{A} HTTP/1.0\r\n\r\n".encode(), 200),  # HTTP/1.0 without keep-alive: closed after
+    (b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n", 501),
+    (b"nonsense\r\n\r\n", 400),
+])
+def test_raw_answers_that_close_the_connection(request_bytes: bytes, status: int) -> None:
+    with FakePLC(DOCS, latency=(0, 0)) as plc, \
+            socket.create_connection(("127.0.0.1", plc.port), timeout=5) as sock:
+        stream = sock.makefile("rb")
+        sock.sendall(request_bytes)
+        assert _read_response(stream)[0] == status
+        assert stream.read() == b""
+
+
+def test_a_replaced_document_is_served_and_slow_answers_do_come() -> None:
+    docs = dict(DOCS)
+    with FakePLC(docs, profile="slow", slow_fraction=1.0, slow_seconds=0.3) as plc:
+        started = time.monotonic()
+        assert requests.get(f"{plc.url}/{A}", timeout=5).json() == DOCS[A]
+        assert time.monotonic() - started >= 0.3
+        docs[A] = {**DOCS[A], "alsoKnownAs": ["at://renamed.test"]}
+        assert requests.get(f"{plc.url}/{A}", timeout=5).json() == docs[A]

@@ -10,12 +10,18 @@ UDP and TCP on the same ephemeral port (answers too big for UDP are truncated, s
 retry over TCP). A name present without records of the asked type answers NOERROR/no data.
 Outages: `fail(name, "servfail" | "refused" | "drop")` for one name, `down = True` for all
 (queries are dropped: clients time out). Run standalone: `python -m tools.fake_dns records.json`.
+
+It shares the machine with the system under test, so plain queries (one IN question for A, AAAA
+or TXT, at most an empty EDNS record) are answered by hand from a blocking UDP loop; dnspython
+builds the answer to anything else.
 """
 from __future__ import annotations
 
 import json
+import re
 import selectors
 import socket
+import struct
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -24,6 +30,8 @@ from typing import Literal
 
 import dns.exception
 import dns.flags
+import dns.ipv4
+import dns.ipv6
 import dns.message
 import dns.name
 import dns.rcode
@@ -35,12 +43,124 @@ import dns.rdtypes.ANY.TXT
 Failure = Literal["servfail", "refused", "drop"]
 Records = Mapping[str, Mapping[str, Sequence[str]]]
 
+_HEADER = struct.Struct("!HHHHHH")  # id, flags, qd/an/ns/ar counts
+_QUESTION_TAIL = struct.Struct("!HH")  # type, class
+_RR_FIXED = struct.Struct("!HHI")  # type, class, ttl (then the rdata length)
+_RD, _TC, _AA, _QR = 0x0100, 0x0200, 0x0400, 0x8000
+_QR_OR_OPCODE = 0xF800
+_IN, _OPT = 1, 41
+_A, _TXT, _AAAA = 1, 16, 28
+_PLAIN_TYPES = {_A: "A", _TXT: "TXT", _AAAA: "AAAA"}
+_RCODES = {"servfail": dns.rcode.SERVFAIL, "refused": dns.rcode.REFUSED}
+# A label dnspython prints as it is (no escapes), so its text form is the label itself.
+_PLAIN_LABEL = re.compile(rb'[^\x00-\x20\x7f-\xff"().;\\@$]+')
+# The OPT record dnspython answers EDNS queries with: root, payload 8192, no flags, no options.
+_OPT_RR = b"\x00" + _RR_FIXED.pack(_OPT, 8192, 0) + b"\x00\x00"
+_POINTER_TO_QUESTION = b"\xc0\x0c"  # answers name the question's name, at offset 12
+
 
 @dataclass(frozen=True)
 class Query:
     name: str
     rdtype: str
     transport: str  # "udp" or "tcp"
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """What the records say about one question, read once under the lock."""
+
+    failure: Failure | None
+    exists: bool  # the name is known (no data for the type is NOERROR, not NXDOMAIN)
+    values: list[str]
+
+
+@dataclass(frozen=True)
+class PlainQuery:
+    """A query simple enough to answer by hand: one IN question, at most an empty OPT record."""
+
+    qid: int
+    rd: int  # the query's RD flag, echoed in the answer
+    question: bytes  # the question section as sent, echoed in the answer
+    qtype: int
+    name: str  # as `_norm` gives it
+    payload: int | None  # EDNS payload size, None without EDNS
+
+    @classmethod
+    def parse(cls, wire: bytes) -> PlainQuery | None:
+        """None for anything else (dnspython then parses it, and rejects what is malformed)."""
+        if len(wire) < 17:
+            return None
+        qid, flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(wire)
+        if flags & _QR_OR_OPCODE or (qdcount, ancount, nscount) != (1, 0, 0) or arcount > 1:
+            return None
+        labels, pos = [], 12
+        while (length := wire[pos]) != 0:
+            label = wire[pos + 1:pos + 1 + length]
+            if length > 63 or len(label) != length or not _PLAIN_LABEL.fullmatch(label):
+                return None
+            labels.append(label)
+            pos += 1 + length
+            if pos >= len(wire):
+                return None
+        end = pos + 5
+        if end - 12 > 255 + 4 or len(wire) < end:
+            return None
+        qtype, qclass = _QUESTION_TAIL.unpack_from(wire, pos + 1)
+        if qclass != _IN or qtype not in _PLAIN_TYPES:
+            return None
+        payload = None
+        if arcount:
+            opt = wire[end:end + 11]
+            if len(opt) != 11 or opt[:3] != b"\x00\x00\x29" or opt[9:] != b"\x00\x00":
+                return None
+            payload = int.from_bytes(opt[3:5], "big")
+            end += 11
+        if len(wire) != end:
+            return None
+        name = b".".join(labels).decode("ascii").lower()
+        return cls(qid, flags & _RD, wire[12:pos + 5], qtype, name, payload)
+
+    @property
+    def rdtype(self) -> str:
+        return _PLAIN_TYPES[self.qtype]
+
+    def answer(self, lookup: Lookup, ttl: int, transport: str) -> bytes:
+        """The answer dnspython would give, byte for byte; raises ValueError on a bad value."""
+        rcode, answers, count = 0, b"", 0
+        if lookup.failure is not None:
+            rcode = _RCODES[lookup.failure]
+        elif not lookup.exists:
+            rcode = dns.rcode.NXDOMAIN
+        elif lookup.values:
+            rdatas = dict.fromkeys(_rdata_wire(self.qtype, v) for v in lookup.values)  # a set
+            rr = _POINTER_TO_QUESTION + _RR_FIXED.pack(self.qtype, _IN, ttl)
+            answers = b"".join(rr + len(r).to_bytes(2, "big") + r for r in rdatas)
+            count = len(rdatas)
+        opt = b"" if self.payload is None else _OPT_RR
+        if transport == "tcp":
+            limit = 65535
+        else:
+            limit = 512 if self.payload is None else min(max(512, self.payload), 65535)
+        flags = _QR | _AA | self.rd | rcode
+        if 12 + len(self.question) + len(answers) + len(opt) > limit:
+            flags, answers, count = flags | _TC, b"", 0
+        return (_HEADER.pack(self.qid, flags, 1, count, 0, 1 if opt else 0) + self.question
+                + answers + opt)
+
+
+def _rdata_wire(qtype: int, value: str) -> bytes:
+    """A, AAAA or TXT rdata in wire form, as dnspython writes it."""
+    if qtype == _TXT:
+        raw = value.encode()
+        return b"".join(len(c).to_bytes(1, "big") + c
+                        for c in [raw[i:i + 255] for i in range(0, len(raw), 255)] or [b""])
+    try:
+        if qtype == _A:
+            return dns.ipv4.inet_aton(value)
+        return dns.ipv6.inet_aton(value)
+    except dns.exception.SyntaxError as e:
+        raise ValueError(f"bad address {value!r}") from e
 
 
 def _norm(name: str) -> str:
@@ -62,7 +182,7 @@ class FakeDNS:
         self._records: dict[str, dict[str, list[str]]] = {}
         self._failures: dict[str, Failure] = {}
         self._stop = threading.Event()
-        self._serve_thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._udp: socket.socket | None = None
         self._tcp: socket.socket | None = None
         self._wake_r, self._wake_w = socket.socketpair()
@@ -139,7 +259,9 @@ class FakeDNS:
         else:
             raise OSError("no port free for both UDP and TCP")
         self._udp, self.port = udp, port
-        self._serve_thread = self._spawn(self._serve, f"fake-dns-{port}")
+        self._threads = [self._spawn(self._serve_udp, f"fake-dns-{port}")]
+        if self._tcp is not None:
+            self._threads.append(self._spawn(self._serve_tcp_accept, f"fake-dns-tcp-{port}"))
         return self
 
     def stop(self) -> None:
@@ -148,8 +270,13 @@ class FakeDNS:
             return
         self._stop.set()
         self._wake_w.send(b"x")
-        if self._serve_thread is not None:
-            self._serve_thread.join(timeout=5)
+        if self._udp is not None:  # an empty datagram to itself ends the blocking receive
+            try:
+                self._udp.sendto(b"", self._udp.getsockname())
+            except OSError:
+                pass
+        for thread in self._threads:
+            thread.join(timeout=5)
         for sock in (self._udp, self._tcp, self._wake_r, self._wake_w):
             if sock is not None:
                 sock.close()
@@ -166,31 +293,34 @@ class FakeDNS:
         thread.start()
         return thread
 
-    def _serve(self) -> None:
-        assert self._udp is not None
-        sel = selectors.DefaultSelector()
-        sel.register(self._udp, selectors.EVENT_READ)
-        sel.register(self._wake_r, selectors.EVENT_READ)
-        if self._tcp is not None:
+    def _serve_udp(self) -> None:
+        """One blocking receive per query: no selector call between datagrams."""
+        udp = self._udp
+        assert udp is not None
+        while not self._stop.is_set():
+            try:
+                wire, peer = udp.recvfrom(65535)
+            except OSError:
+                if self._stop.is_set():
+                    return
+                continue  # e.g. ICMP port unreachable from an earlier answer's peer
+            reply = self._answer(wire, "udp")
+            if reply is not None:
+                try:
+                    udp.sendto(reply, peer)
+                except OSError:
+                    pass
+
+    def _serve_tcp_accept(self) -> None:
+        assert self._tcp is not None
+        with selectors.DefaultSelector() as sel:
             sel.register(self._tcp, selectors.EVENT_READ)
-        with sel:
+            sel.register(self._wake_r, selectors.EVENT_READ)
             while not self._stop.is_set():
                 for key, _ in sel.select():
-                    if key.fileobj is self._udp:
-                        self._serve_udp()
-                    elif key.fileobj is self._tcp:
+                    if key.fileobj is self._tcp:
                         conn, _ = self._tcp.accept()
                         self._spawn(self._serve_tcp, "fake-dns-tcp", conn)
-
-    def _serve_udp(self) -> None:
-        assert self._udp is not None
-        try:
-            wire, peer = self._udp.recvfrom(65535)
-        except OSError:
-            return
-        reply = self._answer(wire, "udp")
-        if reply is not None:
-            self._udp.sendto(reply, peer)
 
     def _serve_tcp(self, conn: socket.socket) -> None:
         with conn:
@@ -222,35 +352,55 @@ class FakeDNS:
         return data
 
     # -- answers ------------------------------------------------------------------------
-    def _answer(self, wire: bytes, transport: str) -> bytes | None:
-        try:
-            query = dns.message.from_wire(wire)
-        except dns.exception.DNSException:
-            return None
-        if not query.question:
-            return None
-        question = query.question[0]
-        name = _norm(question.name.to_text())
-        rdtype = dns.rdatatype.to_text(question.rdtype)
+    def _lookup(self, name: str, rdtype: str, transport: str) -> Lookup:
+        """Records the query and reads what to answer, under the lock."""
         with self._lock:
             self.queries.append(Query(name, rdtype, transport))
             failure: Failure | None = "drop" if self.down else self._failures.get(name)
             by_type = self._records.get(name)
             values = list(by_type.get(rdtype, ())) if by_type is not None else []
-        if failure == "drop":
+        return Lookup(failure, by_type is not None, values)
+
+    def _answer(self, wire: bytes, transport: str) -> bytes | None:
+        """The reply to a query, or None to stay silent (dropped, or not a query at all)."""
+        plain = PlainQuery.parse(wire)
+        if plain is None:
+            return self._answer_with_dnspython(wire, transport)
+        lookup = self._lookup(plain.name, plain.rdtype, transport)
+        if lookup.failure == "drop":
             return None
+        try:
+            return plain.answer(lookup, self.ttl, transport)
+        except ValueError:  # a value plain encoding rejects: let dnspython say what is wrong
+            return self._render(dns.message.from_wire(wire), lookup, transport)
+
+    def _answer_with_dnspython(self, wire: bytes, transport: str) -> bytes | None:
+        try:
+            query = dns.message.from_wire(wire)
+        except dns.exception.DNSException:
+            return None
+        if not query.question or query.flags & dns.flags.QR:
+            return None
+        question = query.question[0]
+        lookup = self._lookup(_norm(question.name.to_text()),
+                              dns.rdatatype.to_text(question.rdtype), transport)
+        if lookup.failure == "drop":
+            return None
+        return self._render(query, lookup, transport)
+
+    def _render(self, query: dns.message.Message, lookup: Lookup, transport: str) -> bytes:
+        question = query.question[0]
         response = dns.message.make_response(query)
         response.flags |= dns.flags.AA
-        if failure == "servfail":
-            response.set_rcode(dns.rcode.SERVFAIL)
-        elif failure == "refused":
-            response.set_rcode(dns.rcode.REFUSED)
-        elif by_type is None:
+        if lookup.failure is not None:
+            response.set_rcode(_RCODES[lookup.failure])
+        elif not lookup.exists:
             response.set_rcode(dns.rcode.NXDOMAIN)
-        elif values:
+        elif lookup.values:
+            rdtype = dns.rdatatype.to_text(question.rdtype)
             rrset = response.find_rrset(response.answer, question.name, dns.rdataclass.IN,
                                         question.rdtype, create=True)
-            for value in values:
+            for value in lookup.values:
                 rrset.add(self._rdata(rdtype, value), self.ttl)
         if transport == "tcp":
             limit = 65535

@@ -2,18 +2,23 @@
 
 Tests and benchmarks use it to make identity resolution healthy, slow for some DIDs, hang,
 refuse connections (down) or accept and never answer, and to count who asked for what.
+
+It shares the machine with the system under test, so it is a single-threaded event loop that
+parses only what it needs and answers with response bytes built once per DID.
 """
 from __future__ import annotations
 
 import hashlib
+import heapq
+import itertools
 import random
+import selectors
 import socket
-import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -22,6 +27,8 @@ import click
 import orjson
 
 PROFILES = ("healthy", "slow", "hang", "down", "never")
+MAX_HEAD = 64 * 1024  # a request head larger than this is refused (400)
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 501: "Not Implemented"}
 
 
 @dataclass
@@ -44,88 +51,265 @@ class Behaviour:
         return int.from_bytes(h[:8], "big") < self.slow_fraction * 2**64
 
 
-class _Server(ThreadingHTTPServer):
-    """One listening generation: its connections and held requests end with it."""
+def http_response(status: int, body: bytes, *, close: bool = False) -> bytes:
+    """A complete HTTP/1.1 response with a JSON body, ready for the socket."""
+    head = (f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
+            f"Content-Type: application/json; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\n")
+    if close:
+        head += "Connection: close\r\n"
+    return head.encode() + b"\r\n" + body
 
-    daemon_threads = True
-    block_on_close = False  # stop() must never wait for hanging handlers
-    request_queue_size = 1024  # hundreds of clients may connect at once
-    allow_reuse_address = True  # up() binds the same port again
+
+@dataclass(frozen=True)
+class Request:
+    """The little of a request head the stub looks at."""
+
+    method: str
+    did: str  # the path without its leading "/" and query string, percent-decoded
+    keep_alive: bool
+
+    @classmethod
+    def parse(cls, head: bytes) -> Request | None:
+        """Parses a head (request line and headers, no final blank line); None if malformed."""
+        line, _, headers = head.partition(b"\r\n")
+        parts = line.split()
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+            return None
+        method, target, version = (p.decode("latin-1") for p in parts)
+        keep_alive = version >= "HTTP/1.1"  # as http.server: 1.1 keeps, 1.0 closes unless asked
+        for header in headers.lower().split(b"\r\n"):
+            if header.startswith(b"connection:"):
+                value = header[11:].strip()
+                if value == b"close":
+                    keep_alive = False
+                elif value == b"keep-alive":
+                    keep_alive = True
+        did = target.split("?", 1)[0].lstrip("/")
+        if "%" in did:
+            did = unquote(did)
+        return cls(method, did, keep_alive)
+
+
+@dataclass(eq=False)
+class _Connection:
+    """One client socket: bytes read but not yet parsed, bytes not yet sent, and its state."""
+
+    sock: socket.socket
+    inbox: bytearray = field(default_factory=bytearray)
+    outbox: bytes = b""
+    busy: bool = False  # a request awaits its (delayed or never coming) answer
+    writing: bool = False  # also waiting for writability: the outbox did not fit at once
+    closing: bool = False  # close once the outbox is flushed
+    closed: bool = False
+
+
+@dataclass(frozen=True)
+class _Cached:
+    """A DID's 200 response, valid while `docs` still maps the DID to this very document."""
+
+    doc: Mapping[str, Any]
+    response: bytes
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """An answer held back until its due time (latency, slow DIDs)."""
+
+    conn: _Connection
+    response: bytes
+    keep_alive: bool
+
+
+class _Listener:
+    """One listening generation: a thread running the event loop; its connections end with it."""
 
     def __init__(self, port: int, plc: FakePLC) -> None:
         self.plc = plc
-        self.released = threading.Event()
-        self.connections: set[socket.socket] = set()
-        self.connections_lock = threading.Lock()
-        super().__init__(("127.0.0.1", port), _Handler)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # up() rebinds the port
+        try:
+            self.sock.bind(("127.0.0.1", port))
+            self.sock.listen(1024)  # hundreds of clients may connect at once
+        except OSError:
+            self.sock.close()
+            raise
+        self.sock.setblocking(False)
+        self.port: int = self.sock.getsockname()[1]
+        self.selector = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.selector.register(self.sock, selectors.EVENT_READ, None)
+        self.selector.register(self.wake_r, selectors.EVENT_READ, self.wake_r)
+        self.connections: set[_Connection] = set()
+        self.timers: list[tuple[float, int, _Pending]] = []
+        self.sequence = itertools.count()  # ties in the timer heap never compare _Pending
+        self.stopping = False
+        self.thread = threading.Thread(target=self.run, name=f"fake-plc-{self.port}", daemon=True)
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self.connections_lock:
-            self.connections.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request: Any) -> None:
-        with self.connections_lock:
-            self.connections.discard(request)
-        super().shutdown_request(request)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        if not isinstance(sys.exc_info()[1], OSError):  # clients and down() cut connections
-            super().handle_error(request, client_address)
+    def start(self) -> None:
+        self.thread.start()
 
     def kill(self) -> None:
         """Stops listening, releases held requests and cuts every open connection."""
-        self.shutdown()
-        self.server_close()
-        self.released.set()
-        with self.connections_lock:
-            connections = list(self.connections)
-        for conn in connections:
+        self.stopping = True
+        try:
+            self.wake_w.send(b"x")
+        except OSError:
+            pass
+        self.thread.join(timeout=5)
+
+    # -- the loop ------------------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            while not self.stopping:
+                timeout = None
+                if self.timers:
+                    timeout = max(0.0, self.timers[0][0] - time.monotonic())
+                for key, mask in self.selector.select(timeout):
+                    conn = key.data
+                    if conn is None:
+                        self.accept()
+                    elif isinstance(conn, _Connection):
+                        if mask & selectors.EVENT_READ:
+                            self.read(conn)
+                        if mask & selectors.EVENT_WRITE and not conn.closed:
+                            self.flush(conn)
+                if self.timers:
+                    self.fire_due()
+        finally:
+            self.close_all()
+
+    def accept(self) -> None:
+        while True:
             try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+                sock, _ = self.sock.accept()
+            except OSError:  # BlockingIOError: none left; others (EMFILE, ...): retry later
+                return
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no delayed-ACK stall
+            conn = _Connection(sock)
+            self.connections.add(conn)
+            self.selector.register(sock, selectors.EVENT_READ, conn)
 
+    def read(self, conn: _Connection) -> None:
+        """Reads whatever arrived; a held connection keeps reading so a hang-up is noticed."""
+        try:
+            data = conn.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close(conn)
+            return
+        conn.inbox += data
+        if not conn.busy:
+            self.serve(conn)
 
-class _Handler(BaseHTTPRequestHandler):
-    """GET /{did}: the document, 404, or a held connection, as the behaviour says."""
+    def serve(self, conn: _Connection) -> None:
+        """Answers the complete requests in the inbox, one at a time, until one is held."""
+        while not (conn.busy or conn.closing or conn.closed):
+            end = conn.inbox.find(b"\r\n\r\n")
+            if end < 0:
+                if len(conn.inbox) > MAX_HEAD:
+                    self.fail(conn, 400, "request head too large")
+                return
+            request = Request.parse(bytes(conn.inbox[:end]))
+            del conn.inbox[:end + 4]
+            if request is None:
+                self.fail(conn, 400, "malformed request")
+            elif request.method != "GET":
+                self.fail(conn, 501, f"unsupported method {request.method}")
+            else:
+                self.answer(conn, request)
 
-    server: _Server
-    protocol_version = "HTTP/1.1"  # keep-alive, as real clients pool connections
-    disable_nagle_algorithm = True  # headers and body leave at once, no delayed-ACK stall
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server naming)
-        plc, released = self.server.plc, self.server.released
-        did = unquote(self.path.split("?", 1)[0].lstrip("/"))
+    def answer(self, conn: _Connection, request: Request) -> None:
+        plc, did = self.plc, request.did
         plc._count(did)
         b = plc.behaviour
         if b.profile == "never" or did in b.hang_dids:
-            released.wait()
-            self.close_connection = True
+            conn.busy = True  # held until the client hangs up or the listener ends
             return
         if b.profile == "slow" and b.is_slow(did):
-            if released.wait(b.slow_seconds):
-                self.close_connection = True
-                return
-        elif released.wait(random.uniform(*b.latency)):
-            self.close_connection = True
-            return
-        doc = plc.docs.get(did)
-        if doc is None:
-            self._send(404, {"message": f"DID not registered: {did}"})
+            delay = b.slow_seconds
         else:
-            self._send(200, doc)
+            delay = random.uniform(*b.latency)
+        response = plc._response_for(did)
+        if delay <= 0:
+            self.send(conn, response, request.keep_alive)
+            return
+        conn.busy = True
+        pending = _Pending(conn, response, request.keep_alive)
+        heapq.heappush(self.timers, (time.monotonic() + delay, next(self.sequence), pending))
 
-    def _send(self, status: int, body: Mapping[str, Any]) -> None:
-        data = orjson.dumps(body)
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+    def fire_due(self) -> None:
+        now = time.monotonic()
+        while self.timers and self.timers[0][0] <= now:
+            pending = heapq.heappop(self.timers)[2]
+            conn = pending.conn
+            if conn.closed:
+                continue
+            conn.busy = False
+            self.send(conn, pending.response, pending.keep_alive)
+            self.serve(conn)  # requests that arrived meanwhile (pipelining)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-        pass
+    def fail(self, conn: _Connection, status: int, message: str) -> None:
+        body = orjson.dumps({"message": message})
+        self.send(conn, http_response(status, body, close=True), keep_alive=False)
+
+    def send(self, conn: _Connection, data: bytes, keep_alive: bool) -> None:
+        if not keep_alive:
+            conn.closing = True
+        if conn.outbox:
+            conn.outbox += data
+            return
+        conn.outbox = data
+        self.flush(conn)
+
+    def flush(self, conn: _Connection) -> None:
+        """Sends what the socket takes now; waits for writability only if some is left."""
+        try:
+            sent = conn.sock.send(conn.outbox)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.close(conn)
+            return
+        conn.outbox = conn.outbox[sent:]
+        if conn.outbox:
+            if not conn.writing:
+                conn.writing = True
+                self.selector.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
+        elif conn.closing:
+            self.close(conn)
+        elif conn.writing:
+            conn.writing = False
+            self.selector.modify(conn.sock, selectors.EVENT_READ, conn)
+
+    def close(self, conn: _Connection, *, cut: bool = False) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        self.connections.discard(conn)
+        try:
+            self.selector.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        if cut:
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        conn.sock.close()
+
+    def close_all(self) -> None:
+        self.selector.close()
+        self.sock.close()
+        for conn in list(self.connections):
+            self.close(conn, cut=True)
+        self.timers.clear()
+        self.wake_r.close()
+        self.wake_w.close()
 
 
 class FakePLC:
@@ -141,7 +325,8 @@ class FakePLC:
         self.behaviour = Behaviour(profile, latency, slow_fraction, slow_seconds, seed,
                                    set(hang_dids))
         self.port = port
-        self._server: _Server | None = None
+        self._listener: _Listener | None = None
+        self._responses: dict[str, _Cached] = {}
         self._counts: Counter[str] = Counter()
         self._total = 0
         self._counted = threading.Condition()
@@ -154,7 +339,7 @@ class FakePLC:
 
     @property
     def is_up(self) -> bool:
-        return self._server is not None
+        return self._listener is not None
 
     def start(self) -> FakePLC:
         """Starts listening, unless the profile is `down` (then only the port is chosen)."""
@@ -170,20 +355,18 @@ class FakePLC:
     def up(self) -> None:
         """Listens on the port (the same one after a down()); held requests get a fresh start."""
         with self._lock:
-            if self._server is not None:
+            if self._listener is not None:
                 return
-            self._server = _Server(self.port, self)
-            self.port = self._server.server_address[1]
-            server = self._server
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                         name=f"fake-plc-{self.port}", daemon=True).start()
+            listener = _Listener(self.port, self)
+            self._listener, self.port = listener, listener.port
+            listener.start()
 
     def down(self) -> None:
         """Closes the listening socket and open connections: clients get connection refused."""
         with self._lock:
-            server, self._server = self._server, None
-        if server is not None:
-            server.kill()
+            listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.kill()
 
     def stop(self) -> None:
         """Same as down(); never waits for held requests."""
@@ -194,6 +377,17 @@ class FakePLC:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def _response_for(self, did: str) -> bytes:
+        """The response bytes for `did`, built once per document (a replaced document is rebuilt)."""
+        doc = self.docs.get(did)
+        if doc is None:
+            return http_response(404, orjson.dumps({"message": f"DID not registered: {did}"}))
+        cached = self._responses.get(did)
+        if cached is None or cached.doc is not doc:
+            cached = _Cached(doc, http_response(200, orjson.dumps(doc)))
+            self._responses[did] = cached
+        return cached.response
 
     def _count(self, did: str) -> None:
         with self._counted:
@@ -224,13 +418,15 @@ class FakePLC:
 @click.option("--profile", type=click.Choice(PROFILES), default="healthy", show_default=True)
 @click.option("--slow-fraction", type=float, default=0.1, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--latency", type=(float, float), default=(0.001, 0.005), show_default=True,
+              metavar="MIN MAX", help="Seconds before an answer, uniform (0 0: at once).")
 @click.option("--hang", "hang_dids", multiple=True, help="A DID never answered (repeatable).")
 def main(docs_path: str, port: int, profile: str, slow_fraction: float, seed: int,
-         hang_dids: tuple[str, ...]) -> None:
+         latency: tuple[float, float], hang_dids: tuple[str, ...]) -> None:
     """Serve a fake PLC directory on 127.0.0.1 until interrupted."""
     docs = orjson.loads(Path(docs_path).read_bytes())
-    plc = FakePLC(docs, port=port, profile=profile, slow_fraction=slow_fraction, seed=seed,
-                  hang_dids=hang_dids)
+    plc = FakePLC(docs, port=port, profile=profile, latency=latency, slow_fraction=slow_fraction,
+                  seed=seed, hang_dids=hang_dids)
     with plc:
         click.echo(f"fake PLC ({profile}, {len(docs)} DIDs) at {plc.url}; Ctrl-C to stop", err=True)
         try:
