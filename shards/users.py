@@ -77,14 +77,16 @@ class Pending:
 
 
 class UserCreations:
-    """De-duplicated, bounded, deadline-limited resolution of new authors for one shard."""
+    """De-duplicated, bounded, deadline-limited resolution of new authors for one shard.
+
+    `wake` is called when a resolution finishes; None when the caller looks on its own."""
 
     def __init__(
         self,
         directory: Directory,
         slots: int,
         timeout: float,
-        wake: Callable[[], None],
+        wake: Callable[[], None] | None,
         late: Callable[[Identity], None],
     ) -> None:
         self._directory = directory
@@ -173,7 +175,8 @@ class UserCreations:
             late = pending.settled
         if not late:
             self._finished.append(pending.did)
-            self._wake()
+            if self._wake is not None:
+                self._wake()
             return
         if pending.future.exception() is None:  # failures: the refresher retries on its own
             self._late(pending.future.result())

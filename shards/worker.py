@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ log = logging.getLogger("pipeline.shard")
 STATS_EVERY = 1.0
 # A transaction stays open this long for more events, up to GROUP_EVENTS: resolutions finish
 # one by one, and committing each on its own cost more than the rows it wrote.
-LINGER = 0.05
+LINGER = 0.2
 GROUP_EVENTS = 2000
 DEAD_RAW_BYTES = 64 * 1024  # what a dead letter keeps of an oversized line
 
@@ -111,22 +110,13 @@ class ShardWorker:
         name = f"pipeline-shard-{config.shard}"
         self.pool = open_pool(config.dsn, config.pool_size, name)
         self.directory = build_directory(config.identity)
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
         self.refresher = Refresher(self.pool, self.directory, config.shard, config.shards,
                                    interval=config.refresh_interval)
         self.users = UserCreations(self.directory, config.slots, config.resolve_timeout,
-                                   wake=self._wake, late=self.refresher.offer)
+                                   wake=None, late=self.refresher.offer)
         self.known = KnownDIDs(config.known_capacity)
         self.batches: dict[int, list[float]] = {}  # batch id -> [read time, events not yet committed]
         self.stopping = False
-
-    def _wake(self) -> None:
-        try:
-            self._wake_w.send(b"\0")
-        except BlockingIOError:
-            pass  # already awake
 
     def run(self) -> None:
         self.conn.send(("ready", self.config.shard))
@@ -141,7 +131,9 @@ class ShardWorker:
                 timeout = min(timeout, max(0.0, deadline - now))
             if txn.since is not None:
                 timeout = min(timeout, max(0.0, txn.since + LINGER - now))
-            ready = wait([self.conn, self._wake_r], timeout)
+            if self.users.pending:  # finished resolutions are gathered, not each woken for
+                timeout = min(timeout, LINGER)
+            ready = wait([self.conn], timeout)
             if self.conn in ready:
                 taken: dict[int, tuple[list[int], list[int]]] = {}
                 while not self.stopping and self.conn.poll():
@@ -153,11 +145,6 @@ class ShardWorker:
                         self._take(msg, txn)
                 if taken:  # frees the supervisor to send more while this transaction gathers
                     self.conn.send(("ack", self.config.shard, taken))
-            if self._wake_r in ready:
-                try:
-                    self._wake_r.recv(4096)
-                except BlockingIOError:
-                    pass
             now = time.monotonic()
             for pending, user in self.users.settle_due(now):
                 self.stats.users_created += 1
