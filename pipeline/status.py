@@ -321,7 +321,7 @@ def retry_letters(dsn: str, letters: list[DeadLetter], directory_factory: Callab
                   slots: int, timeout: float) -> RetryResult:
     """Feeds dead letters through decode and write again; whatever still fails stays put."""
     from shards.events import BadEvent, decode
-    from shards.store.writes import Changes, prepare_connection, write
+    from shards.store.writes import Changes, Writer, prepare_connection
 
     result = RetryResult(retried=len(letters))
     good: list[tuple[DeadLetter, Any]] = []
@@ -356,7 +356,7 @@ def retry_letters(dsn: str, letters: list[DeadLetter], directory_factory: Callab
                                     (letter.id,)).rowcount == 0:
                         result.gone += 1
                         continue
-                    write(conn, changes)
+                    Writer().write(conn, changes)
             except psycopg.OperationalError:
                 raise
             except psycopg.Error as exc:

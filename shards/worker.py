@@ -22,7 +22,7 @@ from shards.identity import IdentityConfig, build_directory
 from shards.refresher import Refresher
 from shards.stats import ShardStats
 from shards.store.pool import open_pool
-from shards.store.writes import Changes, write
+from shards.store.writes import Changes, Writer
 from shards.users import UserCreations
 
 log = logging.getLogger("pipeline.shard")
@@ -115,6 +115,7 @@ class ShardWorker:
         self.users = UserCreations(self.directory, config.slots, config.resolve_timeout,
                                    wake=None, late=self.refresher.offer)
         self.known = KnownDIDs(config.known_capacity)
+        self.writer = Writer()
         self.batches: dict[int, list[float]] = {}  # batch id -> [read time, events not yet committed]
         self.stopping = False
 
@@ -237,7 +238,7 @@ class ShardWorker:
         while True:
             try:
                 with self.pool.connection() as conn:
-                    write(conn, changes)
+                    self.writer.write(conn, changes)
                 break
             except psycopg.OperationalError as exc:
                 self._backoff(attempt, exc)
@@ -262,17 +263,18 @@ class ShardWorker:
     def _commit_one_by_one(self, changes: Changes, events: list[Event], acks: Acks) -> None:
         base = Changes(users=changes.users, dead=changes.dead)
         with self.pool.connection() as conn:
-            write(conn, base)
+            self.writer.write(conn, base)
             for ev in events:
                 single = Changes()
                 single.add(ev)
                 try:
-                    write(conn, single)
+                    self.writer.write(conn, single)
                 except psycopg.OperationalError:
                     raise
                 except psycopg.Error as exc:
                     reason = f"rejected by database: {str(exc).strip().splitlines()[0]}"
-                    write(conn, Changes(dead=[(self.config.source, ev.position, ev.raw, reason)]))
+                    self.writer.write(
+                        conn, Changes(dead=[(self.config.source, ev.position, ev.raw, reason)]))
                     committed, dead = acks.batches[ev.batch]
                     committed.remove(ev.idx)
                     dead.append(ev.idx)
