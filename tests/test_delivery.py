@@ -47,8 +47,9 @@ def args(dsn: str, path: Path, net: tuple, *extra: str) -> list[str]:
 
 
 def workers(proc: psutil.Process) -> list[psutil.Process]:
-    return [c for c in proc.children() if "spawn_main" in " ".join(c.cmdline())
-            and "resource_tracker" not in " ".join(c.cmdline())]
+    """The shard workers: children of the supervisor's fork server."""
+    return [w for c in proc.children() if "forkserver" in " ".join(c.cmdline())
+            for w in c.children()]
 
 
 

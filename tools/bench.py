@@ -296,13 +296,13 @@ def _backend_cpu(pid: int) -> float:
     return t.user + t.system
 
 
-def _is_worker(p: psutil.Process) -> bool:
-    """multiprocessing's spawned children (the shard workers), not its resource tracker."""
+def _is_worker(p: psutil.Process, supervisor: int) -> bool:
+    """The shard workers: the supervisor's grandchildren, forked by its fork server (its own
+    children, the fork server and resource tracker, count as the supervisor's)."""
     try:
-        cmd = " ".join(p.cmdline())
+        return p.ppid() != supervisor
     except psutil.Error:
         return False
-    return "resource_tracker" not in cmd
 
 
 # --- one run ----------------------------------------------------------------------------------
@@ -431,7 +431,7 @@ def run_once(i: int, *, server_dsn: str, files: DataFiles, n_events: int, shards
                         except psutil.Error:
                             continue
                         peaks[p.pid] = max(peaks.get(p.pid, 0), rss)
-                        if p.pid != proc.pid and p.pid not in workers and _is_worker(p):
+                        if p.pid != proc.pid and p.pid not in workers and _is_worker(p, proc.pid):
                             workers.add(p.pid)
                     if done:
                         break
@@ -484,7 +484,7 @@ def run_once(i: int, *, server_dsn: str, files: DataFiles, n_events: int, shards
         copy_rows=copied, copy_seconds=copy_s, copy_rows_per_second=copy_rps,
         ratio=eps / copy_rps if copy_rps else 0.0,
         cpu_seconds={
-            "supervisor": round(cpu.get(proc.pid, 0.0), 1),
+            "supervisor": round(sum(c for p, c in cpu.items() if p not in workers), 1),
             "workers": round(sum(cpu.get(p, 0.0) for p in workers), 1),
             "postgres_backends": round(sum(backend_cpu.values()), 1),
             "plc_stub": round(stub_cpu["plc"], 1), "dns_stub": round(stub_cpu["dns"], 1)},
