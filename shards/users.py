@@ -10,6 +10,7 @@ import heapq
 import itertools
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -23,10 +24,31 @@ from shards.identity.directory import Directory, Identity, ResolutionFailed
 class ResolverThreads:
     """Named daemon threads serving one queue, so a hung network call never blocks exit."""
 
-    def __init__(self, size: int, name: str) -> None:
+    def __init__(self, size: int, name: str, most: int) -> None:
+        """`size` threads to begin with; `grow` adds stand-ins up to `most`."""
         self._tasks: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]]] = queue.SimpleQueue()
-        for i in range(size):
-            threading.Thread(target=self._serve, name=f"{name}-{i}", daemon=True).start()
+        self._name = name
+        self._most = max(size, most)
+        self._lock = threading.Lock()
+        self._retiring = 0
+        self.count = 0
+        for _ in range(size):
+            self.grow()
+
+    def grow(self) -> bool:
+        """One more thread (unless `most` run), standing in for one stuck on a slow answer."""
+        with self._lock:
+            if self.count >= self._most:
+                return False
+            self.count += 1
+            name = f"{self._name}-{self.count}"
+        threading.Thread(target=self._serve, name=name, daemon=True).start()
+        return True
+
+    def shrink(self) -> None:
+        """The next thread to finish a task leaves (a slow answer came: its stand-in goes)."""
+        with self._lock:
+            self._retiring += 1
 
     def submit(self, fn: Callable[[], Any]) -> Future[Any]:
         future: Future[Any] = Future()
@@ -42,6 +64,11 @@ class ResolverThreads:
                 future.set_result(fn())
             except BaseException as exc:  # handed to whoever waits on the future
                 future.set_exception(exc)
+            with self._lock:
+                if self._retiring:
+                    self._retiring -= 1
+                    self.count -= 1
+                    return
 
 
 @dataclass(frozen=True)
@@ -74,12 +101,23 @@ class Pending:
     events: list[Event] = field(default_factory=list)
     partial: Identity | None = None
     settled: bool = False
+    started: float = 0.0  # when its resolution got a slot
+    holds_slot: bool = False
+    stand_in: bool = False  # a thread was added while this one waits on a slow answer
 
 
 class UserCreations:
     """De-duplicated, bounded, deadline-limited resolution of new authors for one shard.
 
-    `wake` is called when a resolution finishes; None when the caller looks on its own."""
+    At most `slots` resolutions hold a slot at once. One still unanswered after SLOW_FACTOR
+    times the median time of recent ones (between SLOW_MIN and SLOW_MAX seconds) gives its
+    slot up and keeps waiting on a thread of its own (up to MAX_THREADS), so DIDs that hang
+    delay only their own events, while an upstream slow for everyone still sees at most
+    `slots` new requests at a time. `wake` is called when a resolution finishes; None when the
+    caller looks on its own."""
+
+    MAX_THREADS = 512
+    SLOW_FACTOR, SLOW_MIN, SLOW_MAX = 10.0, 0.02, 1.0
 
     def __init__(
         self,
@@ -91,11 +129,18 @@ class UserCreations:
     ) -> None:
         self._directory = directory
         self._slots = threading.BoundedSemaphore(slots)
-        self._threads = ResolverThreads(slots, "resolver")
+        self._threads = ResolverThreads(slots, "resolver", self.MAX_THREADS)
+        self._running: set[Pending] = set()  # resolutions holding a slot
+        # Until answers tell otherwise, a resolution is slow after 0.1 s: an upstream that is
+        # slower for everyone is learned within a few hundred answers.
+        self._durations: deque[float] = deque([0.01], maxlen=255)
+        self.slow = 0  # resolutions that gave their slot up
         self._timeout = timeout
         self._wake = wake
         self._late = late
         self._lock = threading.Lock()
+        self._watching = threading.Condition(self._lock)
+        threading.Thread(target=self._watch, name="resolver-watch", daemon=True).start()
         self._finished: deque[str] = deque()
         self._deadlines: list[tuple[float, int, str]] = []
         self._seq = itertools.count()
@@ -151,24 +196,62 @@ class UserCreations:
             return NewUser(p.did, p.handle, False, p.pds, True, False)
         return NewUser(pending.did, pending.did, False, None, True, True)
 
+    def _slow_after(self) -> float:
+        typical = sorted(self._durations)[len(self._durations) // 2]
+        return min(max(self.SLOW_FACTOR * typical, self.SLOW_MIN), self.SLOW_MAX)
+
+    def _watch(self) -> None:
+        """Takes the slot of each resolution once it is slow, and lends its thread a stand-in."""
+        while True:
+            with self._watching:
+                if not self._running:
+                    self._watching.wait()
+                limit, now = self._slow_after(), time.monotonic()
+                slow = [p for p in self._running if now - p.started >= limit]
+                for p in slow:
+                    self._running.discard(p)
+                    p.holds_slot = False
+                self.slow += len(slow)
+                self.active -= len(slow)
+                first = min((p.started for p in self._running), default=None)
+            for p in slow:
+                p.stand_in = self._threads.grow()
+                self._slots.release()
+            if first is not None:
+                time.sleep(max(first + limit - time.monotonic(), self.SLOW_MIN / 2))
+
     def _resolve(self, pending: Pending) -> Identity:
-        with self._slots:
-            if pending.settled:  # its deadline passed while queued: leave it to the refresher
-                raise TimeoutError(pending.did)
-            with self._lock:
+        self._slots.acquire()
+        with self._lock:
+            pending.holds_slot = not pending.settled
+            if pending.holds_slot:
+                pending.started = time.monotonic()
+                if not self._running:
+                    self._watching.notify()
+                self._running.add(pending)
                 self.active += 1
+        if not pending.holds_slot:  # its deadline passed while queued: left to the refresher
+            self._slots.release()
+            raise TimeoutError(pending.did)
+        try:
+            ident = self._directory.resolve_did(pending.did)
+            pending.partial = ident
+            if ident.complete:
+                return ident
             try:
-                ident = self._directory.resolve_did(pending.did)
-                pending.partial = ident
-                if ident.complete:
-                    return ident
-                try:
-                    return self._directory.verify(ident)
-                except ResolutionFailed:
-                    return ident
-            finally:
-                with self._lock:
-                    self.active -= 1
+                return self._directory.verify(ident)
+            except ResolutionFailed:
+                return ident
+        finally:
+            with self._lock:
+                self._durations.append(time.monotonic() - pending.started)
+                self._running.discard(pending)
+                release, pending.holds_slot = pending.holds_slot, False
+                self.active -= release
+            if release:
+                self._slots.release()
+            elif pending.stand_in:  # the slow answer came: its stand-in thread can go
+                self._threads.shrink()
 
     def _done(self, pending: Pending) -> None:
         with self._lock:

@@ -96,6 +96,23 @@ def test_opens_after_threshold_consecutive_failures(inner: Scripted) -> None:
     assert stats["breaker.state.plc"] == OPEN
 
 
+def test_a_burst_of_timeouts_between_answers_keeps_it_closed(inner: Scripted) -> None:
+    clock = Clock()
+    b = breaker(inner, clock)
+    b.resolve_did(ALICE)  # answered at t=0
+    clock.now = 0.5
+    inner.outcome = failing()
+    for _ in range(5):  # lookups of a few hanging DIDs time out together
+        with pytest.raises(ResolutionFailed) as info:
+            b.resolve_did(ALICE)
+        assert not isinstance(info.value, CircuitOpen)
+    assert b.breakers.state("plc") == CLOSED
+    clock.now = 1.5  # nothing answered for longer than the quiet period: now it is down
+    with pytest.raises(ResolutionFailed):
+        b.resolve_did(ALICE)
+    assert b.breakers.state("plc") == OPEN
+
+
 @pytest.mark.parametrize("answer", [DIDNotFound("gone"), DIDMismatch("other id")])
 def test_answers_reset_the_count(inner: Scripted, answer: Exception) -> None:
     b = breaker(inner, Clock())

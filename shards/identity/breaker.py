@@ -1,8 +1,10 @@
 """A circuit breaker per upstream (PLC host, did:web host, DNS server) as a Directory wrapper.
 
 An outage then costs one fast ResolutionFailed per lookup instead of one timeout per new user.
-Per upstream: closed -> (`threshold` consecutive failures) open -> (`cooldown` seconds)
-half-open -> one probe -> closed on success, open again on failure."""
+Per upstream: closed -> (`threshold` consecutive failures, and no success for `quiet` seconds)
+open -> (`cooldown` seconds) half-open -> one probe -> closed on success, open again on failure.
+The quiet period keeps an upstream that answers most lookups closed while a few of them hang:
+their timeouts come in bursts, but the answers in between show it is up."""
 from __future__ import annotations
 
 import logging
@@ -33,6 +35,7 @@ class _Circuit:
     failures: int = 0
     opened_at: float = 0.0
     probing: bool = False
+    last_success: float | None = None
 
 
 @dataclass(frozen=True)
@@ -50,9 +53,11 @@ class CircuitBreakers:
         cooldown: float,
         counters: Counters | None = None,
         clock: Callable[[], float] = time.monotonic,
+        quiet: float = 1.0,
     ) -> None:
         self.threshold = threshold
         self.cooldown = cooldown
+        self.quiet = quiet
         self.counters = counters or Counters()
         self._clock = clock
         self._lock = threading.Lock()
@@ -78,6 +83,7 @@ class CircuitBreakers:
             c = self._circuits.get(ticket.key)
             if c is None:
                 return
+            c.last_success = self._clock()
             if ticket.probe:
                 c.state, c.failures, c.probing = CLOSED, 0, False
                 log.info("circuit for %s closed: probe succeeded", ticket.key)
@@ -96,7 +102,8 @@ class CircuitBreakers:
             if c.state != CLOSED:  # a call started before the circuit opened
                 return
             c.failures += 1
-            if c.failures < self.threshold:
+            if c.failures < self.threshold or (
+                    c.last_success is not None and self._clock() - c.last_success < self.quiet):
                 return
             c.state, c.opened_at = OPEN, self._clock()
         self.counters.inc("breaker.trips")
