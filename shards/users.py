@@ -131,9 +131,9 @@ class UserCreations:
         self._slots = threading.BoundedSemaphore(slots)
         self._threads = ResolverThreads(slots, "resolver", self.MAX_THREADS)
         self._running: set[Pending] = set()  # resolutions holding a slot
-        # Until answers tell otherwise, a resolution is slow after 0.1 s: an upstream that is
+        # Until answers tell otherwise, a resolution is slow after 0.5 s: an upstream that is
         # slower for everyone is learned within a few hundred answers.
-        self._durations: deque[float] = deque([0.01], maxlen=255)
+        self._durations: deque[float] = deque([0.05], maxlen=255)
         self.slow = 0  # resolutions that gave their slot up
         self._timeout = timeout
         self._wake = wake
