@@ -2,7 +2,8 @@
 
 Messages in: ("batch", batch_id, read_time, idxs, positions, lines) and ("stop",).
 Messages out: ("ready", shard), ("ack", shard, {batch_id: (committed_idxs, dead_idxs)})
-after each commit (and with empty lists as soon as a batch is taken), ("stats", shard, stats) now and then, and a last ("stats", ...) on exit."""
+after each commit (and with empty lists as soon as a batch is taken), ("stats", shard, stats)
+now and then, and a last ("stats", ...) on exit."""
 from __future__ import annotations
 
 import logging

@@ -132,6 +132,16 @@ STAGING = [
     " ON COMMIT DELETE ROWS"
 ]
 
+# What a staged table's rows become: a users row is kept if the DID is there already, a record
+# replaces the one with its URI.
+MERGE = {
+    table: f"INSERT INTO {table} ({', '.join(cols)}) SELECT {', '.join(cols)} FROM stage_{table}"
+           + (" ON CONFLICT (did) DO NOTHING" if table == "users" else
+              " ON CONFLICT (uri) DO UPDATE SET "
+              + ", ".join(f"{c} = EXCLUDED.{c}" for c in cols[1:]))
+    for table, cols in {**COLUMNS, "users": USER_COLUMNS}.items()
+}
+
 
 def prepare_connection(conn: psycopg.Connection) -> None:
     """Creates this session's staging tables (pool `configure` hook)."""
@@ -161,7 +171,7 @@ class Writer:
         self._merge = 0  # transactions left that go straight to the staging path
 
     def write(self, conn: psycopg.Connection, changes: Changes) -> None:
-        """Users first, then records, then profiles, accounts, identities and dead letters."""
+        """Deletes, then users and records, then profiles, accounts, identities, dead letters."""
         with conn.transaction(), conn.cursor() as cur:
             for table, uris in changes.deletes.items():
                 if uris:
@@ -179,31 +189,21 @@ class Writer:
             _apply_rest(cur, changes)
 
 
+def _tables(changes: Changes) -> list[tuple[str, tuple[str, ...], Any]]:
+    """(table, columns, rows) of every table with rows to write, users first."""
+    found = [("users", USER_COLUMNS, changes.users)] if changes.users else []
+    return found + [(t, COLUMNS[t], rows.values()) for t, rows in changes.upserts.items() if rows]
+
+
 def _copy_direct(cur: psycopg.Cursor, changes: Changes) -> None:
-    if changes.users:
-        _copy(cur, "users", USER_COLUMNS, changes.users)
-    for table, rows in changes.upserts.items():
-        if rows:
-            _copy(cur, table, COLUMNS[table], rows.values())
+    for table, cols, rows in _tables(changes):
+        _copy(cur, table, cols, rows)
 
 
 def _merge(cur: psycopg.Cursor, changes: Changes) -> None:
-    if changes.users:
-        _copy(cur, "stage_users", USER_COLUMNS, changes.users)
-        cur.execute(
-            f"INSERT INTO users ({', '.join(USER_COLUMNS)})"
-            f" SELECT {', '.join(USER_COLUMNS)} FROM stage_users ON CONFLICT (did) DO NOTHING"
-        )
-    for table, rows in changes.upserts.items():
-        if not rows:
-            continue
-        cols = COLUMNS[table]
-        _copy(cur, f"stage_{table}", cols, rows.values())
-        sets = ", ".join(f"{c} = EXCLUDED.{c}" for c in cols[1:])
-        cur.execute(
-            f"INSERT INTO {table} ({', '.join(cols)}) SELECT {', '.join(cols)}"
-            f" FROM stage_{table} ON CONFLICT (uri) DO UPDATE SET {sets}"
-        )
+    for table, cols, rows in _tables(changes):
+        _copy(cur, f"stage_{table}", cols, rows)
+        cur.execute(MERGE[table])
 
 
 def _apply_rest(cur: psycopg.Cursor, changes: Changes) -> None:
