@@ -127,5 +127,14 @@ def fake_network(docs: dict[str, dict], **plc_options: object) -> Iterator[tuple
         yield plc, dns
 
 
+@pytest.fixture(scope="module")
+def net(request: pytest.FixtureRequest) -> Iterator[tuple[FakePLC, FakeDNS]]:
+    """PLC and DNS stubs for the generated authors of a module's DIDS and SEED."""
+    from tools.generate import did_documents
+
+    with fake_network(did_documents(request.module.DIDS, seed=request.module.SEED)) as n:
+        yield n
+
+
 def identity_args(plc: FakePLC, dns: FakeDNS) -> list[str]:
     return ["--plc-url", plc.url, "--dns-server", dns.address, "--allow-private-addresses"]

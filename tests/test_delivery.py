@@ -11,9 +11,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import (database, digest, fake_network, identity_args, query, rows_committed,
+from tests.conftest import (database, digest, identity_args, query, rows_committed,
                             run_pipeline, start_pipeline, wait_until)
-from tools.generate import did_documents, write_replay
+from tools.generate import write_replay
 
 EVENTS, DIDS, SEED = 100_000, 1_000, 11
 
@@ -23,12 +23,6 @@ def replay_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("delivery") / "events.jsonl"
     write_replay(path, EVENTS, DIDS, seed=SEED)
     return path
-
-
-@pytest.fixture(scope="module")
-def net() -> Iterator[tuple]:
-    with fake_network(did_documents(DIDS, seed=SEED)) as n:
-        yield n
 
 
 @pytest.fixture(scope="module")

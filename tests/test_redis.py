@@ -18,9 +18,9 @@ import redis
 
 from pipeline.transport.redis import (GROUP, RedisWorkerLink, SupervisorTransport, lock_key,
                                       shard_stream)
-from tests.conftest import (database, digest, fake_network, identity_args, query, rows_committed,
+from tests.conftest import (database, digest, identity_args, query, rows_committed,
                             run_pipeline, start_pipeline, wait_until)
-from tools.generate import did_documents, write_replay
+from tools.generate import write_replay
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/9")
 EVENTS, DIDS, SEED = 30_000, 500, 23
@@ -59,12 +59,6 @@ def replay_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with open(path, "ab") as f:  # dead letters name their source: it must cross Redis too
         f.write(b"\n".join(BAD_LINES) + b"\n")
     return path
-
-
-@pytest.fixture(scope="module")
-def net() -> Iterator[tuple]:
-    with fake_network(did_documents(DIDS, seed=SEED)) as n:
-        yield n
 
 
 @pytest.fixture(scope="module")
