@@ -6,13 +6,17 @@ import re
 import signal
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import orjson
 
 import psutil
 import pytest
 
 from tests.conftest import (database, digest, identity_args, query, rows_committed,
                             run_pipeline, start_pipeline, wait_until)
+from tools.fake_plc import FakePLC
 from tools.generate import write_replay
 
 EVENTS, DIDS, SEED = 100_000, 1_000, 11
@@ -35,6 +39,34 @@ def clean_digest(server_dsn: str, replay_file: Path, net: tuple) -> Iterator[dic
         yield digest(dsn)
 
 
+@pytest.fixture(scope="module")
+def gate(replay_file: Path) -> tuple[str, int]:
+    """The author who appears last, and the byte offset of its first event: while the PLC stub
+    holds it, the run cannot end and the cursor cannot pass that offset."""
+    first: dict[str, int] = {}
+    offset = 0
+    with open(replay_file, "rb") as f:
+        for line in f:
+            first.setdefault(orjson.loads(line)["did"], offset)
+            offset += len(line)
+    did = max(first, key=first.__getitem__)
+    return did, first[did]
+
+
+@contextmanager
+def held(plc: FakePLC, did: str) -> Iterator[None]:
+    """Keeps a run going (its author unresolved) until the block ends, however it ends."""
+    plc.hold(did)
+    try:
+        yield
+    finally:
+        plc.release(did)
+
+
+# a held gate must never time out into a fallback handle, or the content would differ
+HOLD = ("--resolve-timeout", "120")
+
+
 def args(dsn: str, path: Path, net: tuple, *extra: str) -> list[str]:
     return ["run", "--replay", str(path), "--dsn", dsn, *identity_args(*net), "--batch-size", "500",
             "--log-level", "WARNING", *extra]
@@ -51,31 +83,37 @@ def workers(proc: psutil.Process) -> list[psutil.Process]:
 
 
 def test_workers_killed_midway_lose_nothing(dsn: str, replay_file: Path, net: tuple,
+                                            gate: tuple[str, int],
                                             clean_digest: dict[str, str]) -> None:
-    proc = start_pipeline(*args(dsn, replay_file, net))
-    parent = psutil.Process(proc.pid)
-    kills = 0
     rng = random.Random(1)
-    while proc.poll() is None and kills < 4:
-        wait_until(lambda: proc.poll() is not None or rows_committed(dsn) > (kills + 1) * 8_000)
-        live = workers(parent) if proc.poll() is None else []
-        if live:
-            rng.choice(live).send_signal(signal.SIGKILL)
-            kills += 1
+    with held(net[0], gate[0]):
+        proc = start_pipeline(*args(dsn, replay_file, net, *HOLD))
+        parent = psutil.Process(proc.pid)
+        for kills in range(4):
+            wait_until(lambda: rows_committed(dsn) > (kills + 1) * 8_000)
+            live = {w.pid for w in workers(parent)}
+            victim = rng.choice(sorted(live))
+            psutil.Process(victim).kill()
+            wait_until(lambda: (now := {w.pid for w in workers(parent)}) and victim not in now
+                       and len(now) == len(live))  # restarted before the next kill
+        assert proc.poll() is None
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err
-    assert kills >= 3, "the run ended before the workers could be killed"
-    assert int(re.search(r"worker restarts\s+(\d+)", out).group(1)) >= 3
+    assert int(re.search(r"worker restarts\s+(\d+)", out).group(1)) == 4
     assert digest(dsn) == clean_digest
 
 
 def test_supervisor_killed_then_rerun_resumes(dsn: str, replay_file: Path, net: tuple,
+                                              gate: tuple[str, int],
                                               clean_digest: dict[str, str]) -> None:
-    proc = start_pipeline(*args(dsn, replay_file, net))
-    wait_until(lambda: _cursor(dsn) > replay_file.stat().st_size // 3)
-    psutil.Process(proc.pid).send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    plc, (did, offset) = net[0], gate
+    with held(plc, did):
+        proc = start_pipeline(*args(dsn, replay_file, net, *HOLD))
+        wait_until(lambda: _cursor(dsn) > 0 and plc.requests_for(did) > 0)
+        psutil.Process(proc.pid).send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
     saved = _cursor(dsn)
+    assert saved <= offset
     second = run_pipeline(*args(dsn, replay_file, net))
     assert second.returncode == 0, second.stderr
     read = int(re.search(r"events read\s+(\d+)", second.stdout).group(1))
@@ -96,14 +134,17 @@ def _cursor(dsn: str) -> int:
 
 
 def test_connections_terminated_midway_lose_nothing(dsn: str, replay_file: Path, net: tuple,
+                                                    gate: tuple[str, int],
                                                     clean_digest: dict[str, str]) -> None:
-    proc = start_pipeline(*args(dsn, replay_file, net))
-    dbname = query(dsn, "SELECT current_database()")[0][0]
-    for threshold in (10_000, 40_000):
-        wait_until(lambda: proc.poll() is not None or rows_committed(dsn) > threshold)
-        killed = query(dsn, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                            " WHERE application_name LIKE 'pipeline%%' AND datname = %s", (dbname,))
-        assert killed[0][0] > 0
+    with held(net[0], gate[0]):
+        proc = start_pipeline(*args(dsn, replay_file, net, *HOLD))
+        dbname = query(dsn, "SELECT current_database()")[0][0]
+        for threshold in (10_000, 40_000):
+            wait_until(lambda: rows_committed(dsn) > threshold)
+            killed = query(dsn, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                                " WHERE application_name LIKE 'pipeline%%' AND datname = %s",
+                           (dbname,))
+            assert killed[0][0] > 0
     _out, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err
     assert digest(dsn) == clean_digest
@@ -127,16 +168,17 @@ def test_sigterm_drains_saves_cursor_and_exits_zero(dsn: str, replay_file: Path,
 
 
 def test_second_run_of_the_same_source_exits_at_once(dsn: str, replay_file: Path,
-                                                     net: tuple) -> None:
-    first = start_pipeline(*args(dsn, replay_file, net))
-    wait_until(lambda: rows_committed(dsn) > 0)
-    started = time.monotonic()
-    second = run_pipeline(*args(dsn, replay_file, net))
-    took = time.monotonic() - started
-    assert second.returncode == 0
-    assert "another run of" in second.stdout and "in progress" in second.stdout
-    assert first.poll() is None, "the first run should still be working"
-    assert took < 15
+                                                     net: tuple, gate: tuple[str, int]) -> None:
+    with held(net[0], gate[0]):
+        first = start_pipeline(*args(dsn, replay_file, net, *HOLD))
+        wait_until(lambda: rows_committed(dsn) > 0)
+        started = time.monotonic()
+        second = run_pipeline(*args(dsn, replay_file, net))
+        took = time.monotonic() - started
+        assert second.returncode == 0
+        assert "another run of" in second.stdout and "in progress" in second.stdout
+        assert first.poll() is None, "the first run should still be working"
+        assert took < 15
     out, err = first.communicate(timeout=240)
     assert first.returncode == 0, err
     assert f"committed         {EVENTS}" in out

@@ -171,6 +171,22 @@ def test_hanging_dids_time_out_while_others_are_served() -> None:
         assert plc.requests_for(A) == 1
 
 
+def test_a_held_did_is_answered_once_released() -> None:
+    with FakePLC(DOCS) as plc, requests.Session() as session:
+        plc.hold(A)
+        sock = socket.create_connection(("127.0.0.1", plc.port), timeout=5)
+        sock.sendall(f"GET /{A} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert plc.wait_for_requests(1)
+        with pytest.raises(requests.ReadTimeout):
+            session.get(f"{plc.url}/{A}", timeout=0.3)
+        plc.release(A)
+        head = sock.recv(65536)  # the held request gets its answer on the same connection
+        assert head.startswith(b"HTTP/1.1 200 OK") and A.encode() in head
+        sock.close()
+        assert session.get(f"{plc.url}/{A}", timeout=5).json() == DOCS[A]
+        assert plc.requests_for(A) == 3
+
+
 def test_never_profile_accepts_and_never_answers() -> None:
     with FakePLC(DOCS, profile="never") as plc:
         with pytest.raises(requests.ReadTimeout):

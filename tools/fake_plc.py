@@ -142,6 +142,8 @@ class _Listener:
         self.selector.register(self.wake_r, selectors.EVENT_READ, self.wake_r)
         self.connections: set[_Connection] = set()
         self.timers: list[tuple[float, int, _Pending]] = []
+        self.held: dict[str, list[tuple[_Connection, bool]]] = {}  # hung requests by DID
+        self.releases: list[str] = []  # DIDs whose hung requests are to be answered now
         self.sequence = itertools.count()  # ties in the timer heap never compare _Pending
         self.stopping = False
         self.thread = threading.Thread(target=self.run, name=f"fake-plc-{self.port}", daemon=True)
@@ -152,11 +154,19 @@ class _Listener:
     def kill(self) -> None:
         """Stops listening, releases held requests and cuts every open connection."""
         self.stopping = True
+        self.wake()
+        self.thread.join(timeout=5)
+
+    def release(self, did: str) -> None:
+        """Has the loop answer the requests for `did` it holds (from any thread)."""
+        self.releases.append(did)
+        self.wake()
+
+    def wake(self) -> None:
         try:
             self.wake_w.send(b"x")
         except OSError:
             pass
-        self.thread.join(timeout=5)
 
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> None:
@@ -169,6 +179,8 @@ class _Listener:
                     conn = key.data
                     if conn is None:
                         self.accept()
+                    elif conn is self.wake_r:
+                        self.answer_released()
                     elif isinstance(conn, _Connection):
                         if mask & selectors.EVENT_READ:
                             self.read(conn)
@@ -178,6 +190,19 @@ class _Listener:
                     self.fire_due()
         finally:
             self.close_all()
+
+    def answer_released(self) -> None:
+        try:
+            self.wake_r.recv(4096)
+        except OSError:
+            pass
+        while self.releases:
+            did = self.releases.pop()
+            for conn, keep_alive in self.held.pop(did, []):
+                if not conn.closed:
+                    conn.busy = False
+                    self.send(conn, self.plc._response_for(did), keep_alive)
+                    self.serve(conn)
 
     def accept(self) -> None:
         while True:
@@ -228,7 +253,8 @@ class _Listener:
         plc._count(did)
         b = plc.behaviour
         if b.profile == "never" or did in b.hang_dids:
-            conn.busy = True  # held until the client hangs up or the listener ends
+            conn.busy = True  # held until released, the client hangs up or the listener ends
+            self.held.setdefault(did, []).append((conn, request.keep_alive))
             return
         if b.profile == "slow" and b.is_slow(did):
             delay = b.slow_seconds
@@ -377,6 +403,17 @@ class FakePLC:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def hold(self, did: str) -> None:
+        """Requests for `did` get no answer from now on, until release(did)."""
+        self.behaviour.hang_dids.add(did)
+
+    def release(self, did: str) -> None:
+        """Answers `did` again, held requests included: tests hold a run open, then let it end."""
+        self.behaviour.hang_dids.discard(did)
+        listener = self._listener
+        if listener is not None:
+            listener.release(did)
 
     def _response_for(self, did: str) -> bytes:
         """The response bytes for `did`, built once per document (a replaced document is rebuilt)."""
