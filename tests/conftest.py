@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import orjson
 import psycopg
 import pytest
 
@@ -93,6 +94,36 @@ def rows_committed(dsn: str) -> int:
         return query(dsn, "SELECT (SELECT count(*) FROM likes) + (SELECT count(*) FROM posts)")[0][0]
     except psycopg.Error:
         return 0
+
+
+def last_author(replay: Path) -> tuple[str, int]:
+    """The author who appears last in a replay, and the byte offset of its first event: while the
+    PLC stub holds it, a run cannot end and its cursor cannot pass that offset."""
+    first: dict[str, int] = {}
+    offset = 0
+    with open(replay, "rb") as f:
+        for line in f:
+            try:
+                first.setdefault(orjson.loads(line)["did"], offset)
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                pass  # the bad lines some tests add
+            offset += len(line)
+    did = max(first, key=first.__getitem__)
+    return did, first[did]
+
+
+@contextmanager
+def held(plc: FakePLC, did: str) -> Iterator[None]:
+    """Keeps a run going (one author unresolved) until the block ends, however it ends."""
+    plc.hold(did)
+    try:
+        yield
+    finally:
+        plc.release(did)
+
+
+# with an author held, the resolve timeout must not expire into a fallback handle meanwhile
+HOLD = ("--resolve-timeout", "120")
 
 
 TABLES = ("users", "posts", "likes", "reposts", "follows", "blocks", "records", "dead_letters")

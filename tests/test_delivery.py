@@ -6,17 +6,14 @@ import re
 import signal
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import orjson
 
 import psutil
 import pytest
 
-from tests.conftest import (database, digest, identity_args, query, rows_committed,
-                            run_pipeline, start_pipeline, wait_until)
-from tools.fake_plc import FakePLC
+from tests.conftest import (HOLD, database, digest, held, identity_args, last_author, query,
+                            rows_committed, run_pipeline, start_pipeline, wait_until)
 from tools.generate import write_replay
 
 EVENTS, DIDS, SEED = 100_000, 1_000, 11
@@ -41,30 +38,7 @@ def clean_digest(server_dsn: str, replay_file: Path, net: tuple) -> Iterator[dic
 
 @pytest.fixture(scope="module")
 def gate(replay_file: Path) -> tuple[str, int]:
-    """The author who appears last, and the byte offset of its first event: while the PLC stub
-    holds it, the run cannot end and the cursor cannot pass that offset."""
-    first: dict[str, int] = {}
-    offset = 0
-    with open(replay_file, "rb") as f:
-        for line in f:
-            first.setdefault(orjson.loads(line)["did"], offset)
-            offset += len(line)
-    did = max(first, key=first.__getitem__)
-    return did, first[did]
-
-
-@contextmanager
-def held(plc: FakePLC, did: str) -> Iterator[None]:
-    """Keeps a run going (its author unresolved) until the block ends, however it ends."""
-    plc.hold(did)
-    try:
-        yield
-    finally:
-        plc.release(did)
-
-
-# a held gate must never time out into a fallback handle, or the content would differ
-HOLD = ("--resolve-timeout", "120")
+    return last_author(replay_file)
 
 
 def args(dsn: str, path: Path, net: tuple, *extra: str) -> list[str]:

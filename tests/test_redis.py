@@ -18,8 +18,8 @@ import redis
 
 from pipeline.transport.redis import (GROUP, RedisWorkerLink, SupervisorTransport, lock_key,
                                       shard_stream)
-from tests.conftest import (database, digest, identity_args, query, rows_committed,
-                            run_pipeline, start_pipeline, wait_until)
+from tests.conftest import (HOLD, database, digest, held, identity_args, last_author, query,
+                            rows_committed, run_pipeline, start_pipeline, wait_until)
 from tools.generate import write_replay
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/9")
@@ -94,10 +94,11 @@ def run_args(dsn: str, path: Path, net: tuple, *extra: str) -> list[str]:
             REDIS_URL, "--log-level", "WARNING", *extra]
 
 
-def start_worker(procs: list, dsn: str, net: tuple, shard: int, shards: int) -> subprocess.Popen:
+def start_worker(procs: list, dsn: str, net: tuple, shard: int, shards: int,
+                 *extra: str) -> subprocess.Popen:
     p = start_pipeline("worker", "--shard", str(shard), "--shards", str(shards), "--transport",
                        REDIS_URL, "--dsn", dsn, *identity_args(*net), "--lock-ttl", "2",
-                       "--refresh-interval", "3600", "--log-level", "INFO")
+                       "--refresh-interval", "3600", "--log-level", "INFO", *extra)
     procs.append(p)
     return p
 
@@ -117,33 +118,34 @@ def stop_worker(p: subprocess.Popen) -> str:
 def test_workers_over_redis_one_killed_match_a_local_run(
         rds: redis.Redis, procs: list, dsn: str, replay_file: Path, net: tuple,
         local_run: tuple[str, dict]) -> None:
-    run = start_pipeline(*run_args(dsn, replay_file, net, "--batch-size", "500",
-                                   "--stream-limit", "6"))
-    procs.append(run)
-    workers = {k: start_worker(procs, dsn, net, k, 4) for k in range(4)}
-    wait_until(lambda: run.poll() is not None or rows_committed(dsn) > 5_000)
-    assert run.poll() is None, run.communicate()[1]
+    with held(net[0], last_author(replay_file)[0]):  # the run cannot end before the kill
+        run = start_pipeline(*run_args(dsn, replay_file, net, "--batch-size", "500",
+                                       "--stream-limit", "6", *HOLD))
+        procs.append(run)
+        workers = {k: start_worker(procs, dsn, net, k, 4, *HOLD) for k in range(4)}
+        wait_until(lambda: run.poll() is not None or rows_committed(dsn) > 5_000)
+        assert run.poll() is None, run.communicate()[1]
 
-    # Kill shard 1's worker while it holds entries: frozen (SIGSTOP) it cannot acknowledge them
-    # between the look and the kill.
-    victim = workers[1]
-    deadline = time.monotonic() + 60
-    while True:
-        assert time.monotonic() < deadline and run.poll() is None, "shard 1 never held entries"
-        victim.send_signal(signal.SIGSTOP)
-        pending = rds.xpending(shard_stream(1), GROUP)["pending"]
-        if pending:
-            break
-        victim.send_signal(signal.SIGCONT)
-        time.sleep(0.02)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait(timeout=10)
-    # A read the worker had already asked for may still hand it entries while it is frozen.
-    held = rds.xpending(shard_stream(1), GROUP)["pending"]
-    assert held >= pending
-    wait_until(lambda: not rds.exists(lock_key(1)), timeout=15)  # its lock expires
-    assert run.poll() is None, "the run cannot end while shard 1's entries are pending"
-    workers[1] = start_worker(procs, dsn, net, 1, 4)
+        # Kill shard 1's worker while it holds entries: frozen (SIGSTOP) it cannot acknowledge
+        # them between the look and the kill.
+        victim = workers[1]
+        deadline = time.monotonic() + 60
+        while True:
+            assert time.monotonic() < deadline, "shard 1 never held entries"
+            victim.send_signal(signal.SIGSTOP)
+            pending = rds.xpending(shard_stream(1), GROUP)["pending"]
+            if pending:
+                break
+            victim.send_signal(signal.SIGCONT)
+            time.sleep(0.02)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=10)
+        # A read the worker had already asked for may still hand it entries while it is frozen.
+        held_entries = rds.xpending(shard_stream(1), GROUP)["pending"]
+        assert held_entries >= pending
+        wait_until(lambda: not rds.exists(lock_key(1)), timeout=15)  # its lock expires
+        assert run.poll() is None, "the run cannot end while shard 1's entries are pending"
+        workers[1] = start_worker(procs, dsn, net, 1, 4, *HOLD)
 
     out, err = run.communicate(timeout=120)
     assert run.returncode == 0, err
@@ -157,7 +159,7 @@ def test_workers_over_redis_one_killed_match_a_local_run(
         assert rds.xpending(shard_stream(k), GROUP)["pending"] == 0
     outs = {k: stop_worker(w) for k, w in workers.items()}
     taken = int(re.search(r"\((\d+) taken over", outs[1]).group(1))
-    assert taken == held
+    assert taken == held_entries
 
 
 def test_a_second_worker_of_a_shard_exits_zero_at_once(rds: redis.Redis, procs: list, dsn: str,
@@ -220,19 +222,20 @@ def test_redis_connections_killed_midway_lose_nothing(
         local_run: tuple[str, dict]) -> None:
     """Every client of the test database is disconnected (CLIENT KILL) a few times mid-run:
     the supervisor and the workers reconnect, append nothing twice and lose nothing."""
-    run = start_pipeline(*run_args(dsn, replay_file, net, "--batch-size", "200",
-                                   "--stream-limit", "8"))
-    procs.append(run)
-    workers = [start_worker(procs, dsn, net, k, 4) for k in range(4)]
-    me, db, kills = rds.client_id(), str(rds.connection_pool.connection_kwargs.get("db", 0)), 0
-    for threshold in (3_000, 8_000, 13_000):
-        wait_until(lambda: run.poll() is not None or rows_committed(dsn) > threshold)
-        for client in rds.client_list():
-            if client["db"] == db and int(client["id"]) != me:
-                try:
-                    kills += rds.client_kill_filter(_id=client["id"])
-                except redis.ResponseError:
-                    pass  # gone already
+    with held(net[0], last_author(replay_file)[0]):  # the run cannot end before the kills
+        run = start_pipeline(*run_args(dsn, replay_file, net, "--batch-size", "200",
+                                       "--stream-limit", "8", *HOLD))
+        procs.append(run)
+        workers = [start_worker(procs, dsn, net, k, 4, *HOLD) for k in range(4)]
+        me, db, kills = rds.client_id(), str(rds.connection_pool.connection_kwargs.get("db", 0)), 0
+        for threshold in (3_000, 8_000, 13_000):
+            wait_until(lambda: rows_committed(dsn) > threshold)
+            for client in rds.client_list():
+                if client["db"] == db and int(client["id"]) != me:
+                    try:
+                        kills += rds.client_kill_filter(_id=client["id"])
+                    except redis.ResponseError:
+                        pass  # gone already
     out, err = run.communicate(timeout=120)
     assert run.returncode == 0, err
     assert kills >= 5
