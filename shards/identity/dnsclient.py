@@ -104,24 +104,44 @@ class _BadAnswer(Exception):
     """Our answer, but unusable (a CNAME chain too long or looping): the server is failing."""
 
 
+def _name_wire(name: str) -> bytes:
+    """The wire form of absolute `name`: plain ASCII labels laid out directly, anything else
+    (escapes, IDNA, errors) by dnspython, whose Name objects cost more than the exchange.
+
+    Raises HostNotFound for names that cannot exist."""
+    labels = name.removesuffix(".").split(".")
+    if (name.isascii() and "\\" not in name and len(name) < 254
+            and all(0 < len(label) < 64 for label in labels)):
+        return b"".join(bytes((len(label),)) + label.encode() for label in labels) + b"\0"
+    try:
+        return dns.name.from_text(name).to_wire()  # type: ignore[return-value]
+    except dns.name.NameTooLong as exc:  # e.g. "_atproto." + a 250-character handle
+        raise HostNotFound(f"{name[:60]}...: name too long to exist") from exc
+    except dns.exception.DNSException as exc:
+        raise HostNotFound(f"{name!r} is not a DNS name") from exc
+
+
+def _wire_key(name: dns.name.Name) -> bytes:
+    """A name as compared in answers: its wire form, ASCII lowercased (DNS ignores case)."""
+    return name.to_wire().lower()  # type: ignore[union-attr]
+
+
 @dataclass(frozen=True)
 class _Query:
     """One question on the wire, with what checking its answer needs."""
 
     qid: int
-    qname: dns.name.Name
     rdtype: int
     wire: bytes
     name_wire: bytes  # the question's name as in `wire`, lowercased
     tail: bytes  # the question's type and class
 
     @classmethod
-    def make(cls, qname: dns.name.Name, rdtype: int) -> _Query:
+    def make(cls, name_wire: bytes, rdtype: int) -> _Query:
         """A recursive query for one name and type, without EDNS, with a random id."""
         qid = dns.entropy.random_16()
-        name_wire: bytes = qname.to_wire()  # type: ignore[assignment]
         tail = _QUESTION_TAIL.pack(rdtype, _IN)
-        return cls(qid, qname, rdtype, _HEADER.pack(qid, _RD, 1, 0, 0, 0) + name_wire + tail,
+        return cls(qid, rdtype, _HEADER.pack(qid, _RD, 1, 0, 0, 0) + name_wire + tail,
                    name_wire.lower(), tail)
 
 
@@ -146,7 +166,7 @@ def _parse(wire: bytes, query: _Query) -> _Reply:
 
     Raises _NotOurs for anything else (or malformed), _Truncated if the TC bit is set,
     _BadAnswer if the CNAME chain does not end."""
-    qname, rdtype = query.qname, query.rdtype
+    qname, rdtype = query.name_wire, query.rdtype
     try:
         rid, flags, qdcount, ancount, _, _ = _HEADER.unpack_from(wire)
         if rid != query.qid or not flags & _QR or (flags >> 11) & 0xF != 0:
@@ -168,14 +188,14 @@ def _parse(wire: bytes, query: _Query) -> _Reply:
         parser = dns.wire.Parser(wire, end)
         direct: list[_Record] = []  # records of qname itself
         direct_ttl = 0xFFFFFFFF
-        found: dict[dns.name.Name, tuple[list[_Record], int]] = {}
-        aliases: dict[dns.name.Name, tuple[dns.name.Name, int]] = {}
+        found: dict[bytes, tuple[list[_Record], int]] = {}  # by _wire_key of the owner
+        aliases: dict[bytes, tuple[bytes, int]] = {}
         for _ in range(ancount):
             if wire[parser.current:parser.current + 2] == _TO_QUESTION:
                 parser.get_bytes(2)
                 owner = qname
             else:
-                owner = dns.name.from_wire_parser(parser)
+                owner = _wire_key(dns.name.from_wire_parser(parser))
             rr_type, rr_class, ttl, length = _RR_HEAD.unpack(parser.get_bytes(_RR_HEAD.size))
             if rr_class == _IN and rr_type == rdtype:
                 record = _rdata(parser, rdtype, length)
@@ -188,7 +208,7 @@ def _parse(wire: bytes, query: _Query) -> _Reply:
                     found[owner] = (records, min(least, ttl))
             elif rr_class == _IN and rr_type == _CNAME:
                 with parser.restrict_to(length):
-                    aliases[owner] = (dns.name.from_wire_parser(parser), ttl)
+                    aliases[owner] = (_wire_key(dns.name.from_wire_parser(parser)), ttl)
             else:
                 parser.get_bytes(length)
     except (dns.exception.DNSException, struct.error) as exc:  # truncated, bad pointers...
@@ -205,7 +225,8 @@ def _parse(wire: bytes, query: _Query) -> _Reply:
         if name in found:
             records, ttl = found[name]
             return _Reply(rcode, records, min(least_ttl, ttl))
-    raise _BadAnswer(f"CNAME chain of {qname} longer than {MAX_CNAME_CHAIN}")
+    raise _BadAnswer(f"CNAME chain of {dns.name.from_wire(qname, 0)[0]} longer than"
+                     f" {MAX_CNAME_CHAIN}")
 
 
 def _udp(query: _Query, server: str, port: int, timeout: float) -> _Reply:
@@ -295,13 +316,13 @@ class DnsClient:
                         attempt_timeout=cfg.dns_timeout / 2,  # one retry fits in the lifetime
                         lifetime=cfg.dns_timeout)
 
-    def _exchange(self, qname: dns.name.Name, rdtype: int, name: str) -> _Reply:
+    def _exchange(self, name_wire: bytes, rdtype: int, name: str) -> _Reply:
         """The NOERROR or NXDOMAIN reply of the first server to give one, within the lifetime.
 
         Servers that fail (SERVFAIL, REFUSED, unreachable, broken TCP) are dropped for this
         lookup; silent ones are asked again until the lifetime is over, like the Resolver."""
         servers = self._get_servers()
-        query = _Query.make(qname, rdtype)
+        query = _Query.make(name_wire, rdtype)
         deadline = time.monotonic() + servers.lifetime
         pending = list(servers.addresses)
         errors: list[str] = []
@@ -337,13 +358,7 @@ class DnsClient:
         """The records of one query; none when the name exists without them.
 
         Raises HostNotFound on NXDOMAIN, ResolutionFailed when no server gave an answer."""
-        try:
-            qname = dns.name.from_text(name)
-        except dns.name.NameTooLong as exc:  # e.g. "_atproto." + a 250-character handle
-            raise HostNotFound(f"{name[:60]}...: name too long to exist") from exc
-        except dns.exception.DNSException as exc:
-            raise HostNotFound(f"{name!r} is not a DNS name") from exc
-        reply = self._exchange(qname, _TYPES[rdtype], name)
+        reply = self._exchange(_name_wire(name), _TYPES[rdtype], name)
         if reply.rcode == _NXDOMAIN:
             raise HostNotFound(f"NXDOMAIN for {name}")
         return reply
