@@ -13,7 +13,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,15 +21,19 @@ from shards.identity.directory import Directory, Identity, ResolutionFailed
 
 
 class ResolverThreads:
-    """Named daemon threads serving one queue, so a hung network call never blocks exit."""
+    """Named daemon threads serving one queue, so a hung network call never blocks exit.
+
+    Their number is the cap on resolutions at once: a thread that waits on a slow answer is
+    stood in for by a new one (`grow`), which leaves again once that answer came (`shrink`)."""
 
     def __init__(self, size: int, name: str, most: int) -> None:
         """`size` threads to begin with; `grow` adds stand-ins up to `most`."""
-        self._tasks: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]]] = queue.SimpleQueue()
+        self._tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._name = name
         self._most = max(size, most)
         self._lock = threading.Lock()
         self._retiring = 0
+        self._serial = itertools.count(1)
         self.count = 0
         for _ in range(size):
             self.grow()
@@ -41,34 +44,28 @@ class ResolverThreads:
             if self.count >= self._most:
                 return False
             self.count += 1
-            name = f"{self._name}-{self.count}"
+        name = f"{self._name}-{next(self._serial)}"
         threading.Thread(target=self._serve, name=name, daemon=True).start()
         return True
 
     def shrink(self) -> None:
-        """The next thread to finish a task leaves (a slow answer came: its stand-in goes)."""
+        """One thread leaves once its task returns (a slow answer came: its stand-in goes)."""
         with self._lock:
             self._retiring += 1
 
-    def submit(self, fn: Callable[[], Any]) -> Future[Any]:
-        future: Future[Any] = Future()
-        self._tasks.put((future, fn))
-        return future
+    def submit(self, task: Callable[[], None]) -> None:
+        """Runs `task` on the next free thread; it must not raise."""
+        self._tasks.put(task)
 
     def _serve(self) -> None:
         while True:
-            future, fn = self._tasks.get()
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn())
-            except BaseException as exc:  # handed to whoever waits on the future
-                future.set_exception(exc)
-            with self._lock:
-                if self._retiring:
-                    self._retiring -= 1
-                    self.count -= 1
-                    return
+            self._tasks.get()()
+            if self._retiring:
+                with self._lock:
+                    if self._retiring:
+                        self._retiring -= 1
+                        self.count -= 1
+                        return
 
 
 @dataclass(frozen=True)
@@ -97,8 +94,9 @@ class Pending:
 
     did: str
     deadline: float
-    future: Future[Identity] | None = None
     events: list[Event] = field(default_factory=list)
+    done: bool = False  # its resolution returned: `result` is set, or it failed
+    result: Identity | None = None
     partial: Identity | None = None
     settled: bool = False
     started: float = 0.0  # when its resolution got a slot
@@ -128,7 +126,6 @@ class UserCreations:
         late: Callable[[Identity], None],
     ) -> None:
         self._directory = directory
-        self._slots = threading.BoundedSemaphore(slots)
         self._threads = ResolverThreads(slots, "resolver", self.MAX_THREADS)
         self._running: set[Pending] = set()  # resolutions holding a slot
         # Until answers tell otherwise, a resolution is slow after 0.5 s: an upstream that is
@@ -157,9 +154,13 @@ class UserCreations:
         pending = Pending(did, received + self._timeout)
         self.pending[did] = pending
         heapq.heappush(self._deadlines, (pending.deadline, next(self._seq), did))
-        pending.future = self._threads.submit(lambda: self._resolve(pending))
-        pending.future.add_done_callback(lambda _f: self._done(pending))
+        self._threads.submit(lambda: self._run(pending))
         return pending
+
+    @property
+    def threads(self) -> int:
+        """Resolver threads now: one per slot, plus stand-ins for slow answers still awaited."""
+        return self._threads.count
 
     def next_deadline(self) -> float | None:
         return self._deadlines[0][0] if self._deadlines else None
@@ -179,7 +180,7 @@ class UserCreations:
             with self._lock:
                 if pending.settled:
                     continue
-                if not pending.future.done() and pending.deadline > now:
+                if not pending.done and pending.deadline > now:
                     continue
                 pending.settled = True
                 user = self._outcome(pending)
@@ -188,9 +189,8 @@ class UserCreations:
         return settled
 
     def _outcome(self, pending: Pending) -> NewUser:
-        future = pending.future
-        if future.done() and future.exception() is None:
-            return NewUser.of(future.result())
+        if pending.result is not None:
+            return NewUser.of(pending.result)
         if pending.partial is not None:  # document read, handle not yet verified
             p = pending.partial
             return NewUser(p.did, p.handle, False, p.pds, True, False)
@@ -211,55 +211,54 @@ class UserCreations:
                 for p in slow:
                     self._running.discard(p)
                     p.holds_slot = False
+                    p.stand_in = self._threads.grow()  # under the lock: its end sees stand_in
                 self.slow += len(slow)
                 self.active -= len(slow)
                 first = min((p.started for p in self._running), default=None)
-            for p in slow:
-                p.stand_in = self._threads.grow()
-                self._slots.release()
             if first is not None:
                 time.sleep(max(first + limit - time.monotonic(), self.SLOW_MIN / 2))
 
-    def _resolve(self, pending: Pending) -> Identity:
-        self._slots.acquire()
+    def _run(self, pending: Pending) -> None:
+        """A resolver thread's task: resolve, then hand the outcome to the shard loop (or, once
+        the user was written without it, to the refresher)."""
         with self._lock:
-            pending.holds_slot = not pending.settled
-            if pending.holds_slot:
-                pending.started = time.monotonic()
-                if not self._running:
-                    self._watching.notify()
-                self._running.add(pending)
-                self.active += 1
-        if not pending.holds_slot:  # its deadline passed while queued: left to the refresher
-            self._slots.release()
-            raise TimeoutError(pending.did)
+            if pending.settled:  # its deadline passed while queued: left to the refresher
+                return
+            pending.holds_slot, pending.started = True, time.monotonic()
+            if not self._running:
+                self._watching.notify()
+            self._running.add(pending)
+            self.active += 1
+        result: Identity | None = None
         try:
-            ident = self._directory.resolve_did(pending.did)
-            pending.partial = ident
-            if ident.complete:
-                return ident
-            try:
-                return self._directory.verify(ident)
-            except ResolutionFailed:
-                return ident
+            result = self._resolve(pending)
+        except Exception:  # a failure: the user is written with what is known
+            pass
         finally:
             with self._lock:
                 self._durations.append(time.monotonic() - pending.started)
                 self._running.discard(pending)
-                release, pending.holds_slot = pending.holds_slot, False
-                self.active -= release
-            if release:
-                self._slots.release()
-            elif pending.stand_in:  # the slow answer came: its stand-in thread can go
+                slot, pending.holds_slot = pending.holds_slot, False
+                self.active -= slot
+                pending.result, pending.done = result, True
+                late = pending.settled
+            if not slot and pending.stand_in:  # the slow answer came: its stand-in can go
                 self._threads.shrink()
-
-    def _done(self, pending: Pending) -> None:
-        with self._lock:
-            late = pending.settled
         if not late:
             self._finished.append(pending.did)
             if self._wake is not None:
                 self._wake()
-            return
-        if pending.future.exception() is None:  # failures: the refresher retries on its own
-            self._late(pending.future.result())
+        elif result is not None:  # failures: the refresher retries on its own
+            self._late(result)
+
+    def _resolve(self, pending: Pending) -> Identity:
+        ident = self._directory.resolve_did(pending.did)
+        pending.partial = ident
+        if ident.complete:
+            return ident
+        try:
+            return self._directory.verify(ident)
+        except ResolutionFailed:
+            return ident
+
+

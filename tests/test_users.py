@@ -5,7 +5,7 @@ import time
 
 from shards.identity import IdentityConfig, build_directory
 from shards.users import NewUser, UserCreations
-from tests.conftest import fake_network
+from tests.conftest import fake_network, wait_until
 from tools.generate import did_documents
 
 
@@ -17,7 +17,9 @@ def test_hanging_dids_do_not_hold_the_slots_of_the_rest() -> None:
     with fake_network(docs, hang_dids=hanging) as (plc, dns):
         config = IdentityConfig(plc_url=plc.url, dns_server=dns.address,
                                 allow_private_addresses=True, read_timeout=6.0)
-        creations = UserCreations(build_directory(config), 2, timeout, None, lambda _i: None)
+        late: list[str] = []
+        creations = UserCreations(build_directory(config), 2, timeout, None,
+                                  lambda ident: late.append(ident.did))
         started = time.monotonic()
         for did in dids:  # the hanging ones first: they take both slots
             creations.begin(did, started)
@@ -27,6 +29,10 @@ def test_hanging_dids_do_not_hold_the_slots_of_the_rest() -> None:
             for pending, user in creations.settle_due(now):
                 settled[pending.did] = (user, now - started)
             time.sleep(0.02)  # the shard loop's own pace of looking (it waits up to LINGER)
+        assert creations.threads == 2 + len(hanging)  # stand-ins for the two that hang
+        for did in hanging:  # answered at last: handed over late, and the stand-ins leave
+            plc.release(did)
+        wait_until(lambda: sorted(late) == sorted(hanging) and creations.threads == 2)
     for did in healthy:  # resolved and verified, well before the hanging ones' deadline
         user, after = settled[did]
         assert user.handle == docs[did]["alsoKnownAs"][0][5:] and not user.incomplete
