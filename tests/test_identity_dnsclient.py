@@ -176,8 +176,10 @@ def test_answers_not_to_our_question_are_ignored() -> None:
         # The server echoes the question in another case (0x20 mixing): still ours.
         good.question[0] = dns.rrset.RRset(
             dns.name.from_text("_ATPROTO.Alice.TEST."), dns.rdataclass.IN, dns.rdatatype.TXT)
+        overlong = bytearray(good.to_wire())  # its TXT string claims more than its record holds
+        overlong[-len(f"did={DID}") - 1] += 1
         return [wrong_id.to_wire(), wrong_question.to_wire(), not_a_response.to_wire(),
-                b"\x00\x01garbage", query.to_wire()[:5], good.to_wire()]
+                b"\x00\x01garbage", query.to_wire()[:5], bytes(overlong), good.to_wire()]
 
     with Scripted(respond) as server:
         assert client(server.address).txt("_atproto.alice.test") == [f"did={DID}"]

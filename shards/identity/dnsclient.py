@@ -148,10 +148,14 @@ class _Query:
 def _rdata(parser: dns.wire.Parser, rdtype: int, length: int) -> _Record:
     """A/AAAA: the packed address; TXT: its character-strings."""
     if rdtype == dns.rdatatype.TXT:
-        strings = []
-        with parser.restrict_to(length):
-            while parser.remaining() > 0:
-                strings.append(parser.get_counted_bytes())
+        data = parser.get_bytes(length)
+        strings, pos = [], 0
+        while pos < length:  # length-prefixed character-strings that fill the record exactly
+            end = pos + 1 + data[pos]
+            if end > length:
+                raise dns.exception.FormError("TXT character-string past its record")
+            strings.append(data[pos + 1:end])
+            pos = end
         return tuple(strings)
     if length != (4 if rdtype == dns.rdatatype.A else 16):
         raise dns.exception.FormError(f"bad {dns.rdatatype.to_text(rdtype)} length {length}")
