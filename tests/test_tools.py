@@ -174,9 +174,12 @@ def test_hanging_dids_time_out_while_others_are_served() -> None:
 def test_a_held_did_is_answered_once_released() -> None:
     with FakePLC(DOCS) as plc, requests.Session() as session:
         plc.hold(A)
-        sock = socket.create_connection(("127.0.0.1", plc.port), timeout=5)
-        sock.sendall(f"GET /{A} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        assert plc.wait_for_requests(1)
+        sock, gone = (socket.create_connection(("127.0.0.1", plc.port), timeout=5)
+                      for _ in range(2))
+        for s in (sock, gone):
+            s.sendall(f"GET /{A} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert plc.wait_for_requests(2)
+        gone.close()  # hangs up while held: forgotten, not answered
         with pytest.raises(requests.ReadTimeout):
             session.get(f"{plc.url}/{A}", timeout=0.3)
         plc.release(A)
@@ -184,7 +187,7 @@ def test_a_held_did_is_answered_once_released() -> None:
         assert head.startswith(b"HTTP/1.1 200 OK") and A.encode() in head
         sock.close()
         assert session.get(f"{plc.url}/{A}", timeout=5).json() == DOCS[A]
-        assert plc.requests_for(A) == 3
+        assert plc.requests_for(A) == 4
 
 
 def test_never_profile_accepts_and_never_answers() -> None:

@@ -99,6 +99,7 @@ class _Connection:
     inbox: bytearray = field(default_factory=bytearray)
     outbox: bytes = b""
     busy: bool = False  # a request awaits its (delayed or never coming) answer
+    held: str | None = None  # the DID of the request held for release, if any
     writing: bool = False  # also waiting for writability: the outbox did not fit at once
     closing: bool = False  # close once the outbox is flushed
     closed: bool = False
@@ -200,7 +201,7 @@ class _Listener:
             did = self.releases.pop()
             for conn, keep_alive in self.held.pop(did, []):
                 if not conn.closed:
-                    conn.busy = False
+                    conn.busy, conn.held = False, None
                     self.send(conn, self.plc._response_for(did), keep_alive)
                     self.serve(conn)
 
@@ -253,7 +254,7 @@ class _Listener:
         plc._count(did)
         b = plc.behaviour
         if b.profile == "never" or did in b.hang_dids:
-            conn.busy = True  # held until released, the client hangs up or the listener ends
+            conn.busy, conn.held = True, did  # until released, hung up or the listener ends
             self.held.setdefault(did, []).append((conn, request.keep_alive))
             return
         if b.profile == "slow" and b.is_slow(did):
@@ -317,6 +318,12 @@ class _Listener:
             return
         conn.closed = True
         self.connections.discard(conn)
+        if conn.held is not None:  # a client that hung up is not answered on release
+            waiting = [h for h in self.held.get(conn.held, []) if h[0] is not conn]
+            if waiting:
+                self.held[conn.held] = waiting
+            else:
+                self.held.pop(conn.held, None)
         try:
             self.selector.unregister(conn.sock)
         except (KeyError, ValueError):
