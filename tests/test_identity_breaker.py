@@ -19,7 +19,7 @@ from shards.identity import (
     ResolutionFailed,
     build_directory,
 )
-from shards.identity.breaker import CLOSED, HALF_OPEN, OPEN
+from shards.identity.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreakers
 from shards.identity.testing import StubServer, did_document, local_config
 from tools.fake_dns import FakeDNS
 
@@ -111,6 +111,23 @@ def test_a_burst_of_timeouts_between_answers_keeps_it_closed(inner: Scripted) ->
     with pytest.raises(ResolutionFailed):
         b.resolve_did(ALICE)
     assert b.breakers.state("plc") == OPEN
+
+
+def test_calls_that_hung_while_others_were_answered_do_not_count() -> None:
+    clock = Clock()
+    breakers = CircuitBreakers(threshold=3, cooldown=10, clock=clock)
+    hung = [breakers.enter("plc") for _ in range(5)]  # five DIDs that never answer, at t=0
+    clock.now = 0.5
+    breakers.success(breakers.enter("plc"))  # the directory answers another one meanwhile
+    clock.now = 10.0  # their timeouts, long after the last answer
+    for ticket in hung:
+        breakers.failure(ticket)
+    assert breakers.state("plc") == CLOSED
+    late = [breakers.enter("plc") for _ in range(3)]  # started after the last answer: an outage
+    clock.now = 20.0
+    for ticket in late:
+        breakers.failure(ticket)
+    assert breakers.state("plc") == OPEN
 
 
 @pytest.mark.parametrize("answer", [DIDNotFound("gone"), DIDMismatch("other id")])

@@ -3,8 +3,9 @@
 An outage then costs one fast ResolutionFailed per lookup instead of one timeout per new user.
 Per upstream: closed -> (`threshold` consecutive failures, and no success for `quiet` seconds)
 open -> (`cooldown` seconds) half-open -> one probe -> closed on success, open again on failure.
-The quiet period keeps an upstream that answers most lookups closed while a few of them hang:
-their timeouts come in bursts, but the answers in between show it is up."""
+An upstream that answers most lookups stays closed while a few of them hang: a failed call does
+not count if the upstream answered another one while it was in flight, and the quiet period
+covers the timeouts that come in bursts."""
 from __future__ import annotations
 
 import logging
@@ -42,6 +43,7 @@ class _Circuit:
 class _Ticket:
     key: str
     probe: bool
+    started: float = 0.0
 
 
 class CircuitBreakers:
@@ -69,12 +71,12 @@ class CircuitBreakers:
         with self._lock:
             c = self._circuits.setdefault(key, _Circuit())
             if c.state == CLOSED:
-                return _Ticket(key, probe=False)
+                return _Ticket(key, False, self._clock())
             if c.state == OPEN and self._clock() - c.opened_at >= self.cooldown:
                 c.state, c.probing = HALF_OPEN, False
             if c.state == HALF_OPEN and not c.probing:
                 c.probing = True
-                return _Ticket(key, probe=True)
+                return _Ticket(key, True, self._clock())
         self.counters.inc("breaker.rejected")
         raise CircuitOpen(f"circuit open for {key}")
 
@@ -101,6 +103,8 @@ class CircuitBreakers:
                 return
             if c.state != CLOSED:  # a call started before the circuit opened
                 return
+            if c.last_success is not None and c.last_success >= ticket.started:
+                return  # it answered others meanwhile: this call hung on its own (one DID)
             c.failures += 1
             if c.failures < self.threshold or (
                     c.last_success is not None and self._clock() - c.last_success < self.quiet):
