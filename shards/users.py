@@ -260,5 +260,3 @@ class UserCreations:
             return self._directory.verify(ident)
         except ResolutionFailed:
             return ident
-
-

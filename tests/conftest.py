@@ -96,12 +96,13 @@ def rows_committed(dsn: str) -> int:
         return 0
 
 
-def last_author(replay: Path) -> tuple[str, int]:
-    """The author who appears last in a replay, and the byte offset of its first event: while the
-    PLC stub holds it, a run cannot end and its cursor cannot pass that offset."""
+@pytest.fixture(scope="module")
+def gate(replay_file: Path) -> tuple[str, int]:
+    """The author who appears last in the module's replay, and the byte offset of its first
+    event: while the PLC stub holds it, a run cannot end and its cursor cannot pass that offset."""
     first: dict[str, int] = {}
     offset = 0
-    with open(replay, "rb") as f:
+    with open(replay_file, "rb") as f:
         for line in f:
             try:
                 first.setdefault(orjson.loads(line)["did"], offset)

@@ -8,12 +8,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-
 import psutil
 import pytest
 
-from tests.conftest import (HOLD, database, digest, held, identity_args, last_author, query,
-                            rows_committed, run_pipeline, start_pipeline, wait_until)
+from tests.conftest import (HOLD, database, digest, held, identity_args, query, rows_committed,
+                            run_pipeline, start_pipeline, wait_until)
 from tools.generate import write_replay
 
 EVENTS, DIDS, SEED = 100_000, 1_000, 11
@@ -34,11 +33,6 @@ def clean_digest(server_dsn: str, replay_file: Path, net: tuple) -> Iterator[dic
         assert result.returncode == 0, result.stderr
         assert f"committed         {EVENTS}" in result.stdout
         yield digest(dsn)
-
-
-@pytest.fixture(scope="module")
-def gate(replay_file: Path) -> tuple[str, int]:
-    return last_author(replay_file)
 
 
 def args(dsn: str, path: Path, net: tuple, *extra: str) -> list[str]:

@@ -18,8 +18,8 @@ import redis
 
 from pipeline.transport.redis import (GROUP, RedisWorkerLink, SupervisorTransport, lock_key,
                                       shard_stream)
-from tests.conftest import (HOLD, database, digest, held, identity_args, last_author, query,
-                            rows_committed, run_pipeline, start_pipeline, wait_until)
+from tests.conftest import (HOLD, database, digest, held, identity_args, query, rows_committed,
+                            run_pipeline, start_pipeline, wait_until)
 from tools.generate import write_replay
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/9")
@@ -117,8 +117,8 @@ def stop_worker(p: subprocess.Popen) -> str:
 
 def test_workers_over_redis_one_killed_match_a_local_run(
         rds: redis.Redis, procs: list, dsn: str, replay_file: Path, net: tuple,
-        local_run: tuple[str, dict]) -> None:
-    with held(net[0], last_author(replay_file)[0]):  # the run cannot end before the kill
+        gate: tuple[str, int], local_run: tuple[str, dict]) -> None:
+    with held(net[0], gate[0]):  # the run cannot end before the kill
         run = start_pipeline(*run_args(dsn, replay_file, net, "--batch-size", "500",
                                        "--stream-limit", "6", *HOLD))
         procs.append(run)
@@ -219,10 +219,10 @@ def test_reader_waits_while_a_stream_is_full(rds: redis.Redis, procs: list, dsn:
 
 def test_redis_connections_killed_midway_lose_nothing(
         rds: redis.Redis, procs: list, dsn: str, replay_file: Path, net: tuple,
-        local_run: tuple[str, dict]) -> None:
+        gate: tuple[str, int], local_run: tuple[str, dict]) -> None:
     """Every client of the test database is disconnected (CLIENT KILL) a few times mid-run:
     the supervisor and the workers reconnect, append nothing twice and lose nothing."""
-    with held(net[0], last_author(replay_file)[0]):  # the run cannot end before the kills
+    with held(net[0], gate[0]):  # the run cannot end before the kills
         run = start_pipeline(*run_args(dsn, replay_file, net, "--batch-size", "200",
                                        "--stream-limit", "8", *HOLD))
         procs.append(run)

@@ -143,7 +143,7 @@ class _Listener:
         self.selector.register(self.wake_r, selectors.EVENT_READ, self.wake_r)
         self.connections: set[_Connection] = set()
         self.timers: list[tuple[float, int, _Pending]] = []
-        self.held: dict[str, list[tuple[_Connection, bool]]] = {}  # hung requests by DID
+        self.held: dict[str, dict[_Connection, bool]] = {}  # hung requests by DID: keep-alive
         self.releases: list[str] = []  # DIDs whose hung requests are to be answered now
         self.sequence = itertools.count()  # ties in the timer heap never compare _Pending
         self.stopping = False
@@ -199,11 +199,10 @@ class _Listener:
             pass
         while self.releases:
             did = self.releases.pop()
-            for conn, keep_alive in self.held.pop(did, []):
-                if not conn.closed:
-                    conn.busy, conn.held = False, None
-                    self.send(conn, self.plc._response_for(did), keep_alive)
-                    self.serve(conn)
+            for conn, keep_alive in self.held.pop(did, {}).items():  # closed ones left already
+                conn.busy, conn.held = False, None
+                self.send(conn, self.plc._response_for(did), keep_alive)
+                self.serve(conn)
 
     def accept(self) -> None:
         while True:
@@ -255,7 +254,7 @@ class _Listener:
         b = plc.behaviour
         if b.profile == "never" or did in b.hang_dids:
             conn.busy, conn.held = True, did  # until released, hung up or the listener ends
-            self.held.setdefault(did, []).append((conn, request.keep_alive))
+            self.held.setdefault(did, {})[conn] = request.keep_alive
             return
         if b.profile == "slow" and b.is_slow(did):
             delay = b.slow_seconds
@@ -318,12 +317,11 @@ class _Listener:
             return
         conn.closed = True
         self.connections.discard(conn)
-        if conn.held is not None:  # a client that hung up is not answered on release
-            waiting = [h for h in self.held.get(conn.held, []) if h[0] is not conn]
-            if waiting:
-                self.held[conn.held] = waiting
-            else:
-                self.held.pop(conn.held, None)
+        waiting = self.held.get(conn.held) if conn.held is not None else None
+        if waiting is not None:  # a client that hung up is not answered on release
+            waiting.pop(conn, None)
+            if not waiting:
+                del self.held[conn.held]
         try:
             self.selector.unregister(conn.sock)
         except (KeyError, ValueError):

@@ -43,7 +43,7 @@ class _Circuit:
 class _Ticket:
     key: str
     probe: bool
-    started: float = 0.0
+    started: float  # clock at enter(): a success after it shows the upstream was up meanwhile
 
 
 class CircuitBreakers:
