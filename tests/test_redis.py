@@ -111,10 +111,6 @@ def stop_worker(p: subprocess.Popen) -> str:
     return out
 
 
-
-
-
-
 def test_workers_over_redis_one_killed_match_a_local_run(
         rds: redis.Redis, procs: list, dsn: str, replay_file: Path, net: tuple,
         gate: tuple[str, int], local_run: tuple[str, dict]) -> None:
@@ -243,6 +239,43 @@ def test_redis_connections_killed_midway_lose_nothing(
     assert_same_content(dsn, local_run)
     for w in workers:
         stop_worker(w)
+
+
+def test_an_entry_finished_while_a_claim_was_on_its_way_is_not_handed_over_again(
+        rds: redis.Redis) -> None:
+    """After a lost connection the worker claims every pending entry; one it finishes while that
+    claim's reply is on its way is still in the reply, and must not be redone (per-DID order)."""
+    transport = SupervisorTransport(REDIS_URL, 1, "replay:test", stream_limit=10)
+    worker = RedisWorkerLink(rds, 0, 1, consumer="only")
+    try:
+        link = transport.link(0)
+        lines = [b'{"did":"did:plc:a%d"}' % i for i in range(3)]
+        link.send(("batch", 1, time.monotonic(), range(3), [10, 20, 30], lines))
+        wait_until(worker.poll, timeout=10)
+        first = worker.recv()
+        claims: list[list] = []
+        real_claim = worker.client.xautoclaim
+
+        def claim_then_finish(*args: object, **kwargs: object) -> list:
+            reply = real_claim(*args, **kwargs)
+            claims.append([entry_id for entry_id, _ in reply[1]])
+            if len(claims) == 1:  # the entry is finished here, after Redis answered the claim
+                worker.send(("ack", 0, {first[1]: ([0, 1, 2], [])}))
+            return reply
+
+        worker.client.xautoclaim = claim_then_finish  # type: ignore[method-assign]
+        rds.client_kill_filter(_id=next(c["id"] for c in rds.client_list()
+                                        if c["cmd"] == "xreadgroup"))
+        wait_until(lambda: bool(claims), timeout=10)
+        link.send(("batch", 2, time.monotonic(), range(1), [40], [b'{"did":"did:plc:b"}']))
+        wait_until(worker.poll, timeout=10)
+        assert len(claims[0]) == 1  # the claim did return the open entry
+        assert worker.recv()[5] == [b'{"did":"did:plc:b"}']  # the next batch, not the first again
+        wait_until(link.poll, timeout=10)
+        assert link.recv() == ("ack", 0, {1: ([0, 1, 2], [])})
+    finally:
+        worker.close()
+        transport.close()
 
 
 def test_a_reclaimed_entry_skips_what_the_dead_worker_committed(rds: redis.Redis) -> None:

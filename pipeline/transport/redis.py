@@ -27,7 +27,7 @@ import time
 import uuid
 from array import array
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -620,10 +620,13 @@ class RedisWorkerLink(_Inbox):
                 if claiming:
                     # We hold the shard's lock, so every pending entry that is not open here is a
                     # dead (or stopped) worker's, or one whose delivery to us got lost: take them
-                    # all, oldest first, before anything new.
+                    # all, oldest first, before anything new. Open ones are read before the
+                    # claim: one finished while the claim was on its way is pending in its reply.
+                    with self._cond:
+                        mine = {o.entry_id for o in self.open.values()}
                     reply = self.client.xautoclaim(self.stream, GROUP, self.consumer, 0, cursor,
                                                    count=room)
-                    self._deliver(reply[1], reclaimed=True)
+                    self._deliver(reply[1], reclaimed=True, skip=mine)
                     cursor = reply[0]
                     if cursor in (b"0-0", "0-0"):
                         claiming = False
@@ -651,12 +654,11 @@ class RedisWorkerLink(_Inbox):
                 self._stop_fetching.wait(1.0)
 
     def _deliver(self, entries: list[tuple[bytes, dict[bytes, bytes] | None]],
-                 reclaimed: bool) -> None:
-        """Hands entries to the worker; reads everything it needs from Redis before the first
-        hand-over, so that a failure here can be retried without handing anything over twice."""
-        with self._cond:
-            already = {o.entry_id for o in self.open.values()}
-        entries = [(i, f) for i, f in entries if f and i not in already]
+                 reclaimed: bool, skip: Collection[bytes] = ()) -> None:
+        """Hands entries to the worker, but none of `skip` (open here when they were read);
+        reads everything it needs from Redis before the first hand-over, so that a failure here
+        can be retried without handing anything over twice."""
+        entries = [(i, f) for i, f in entries if f and i not in skip]
         if not entries:
             return
         done: list[bytes | None] = [None] * len(entries)
