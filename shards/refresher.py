@@ -14,6 +14,7 @@ from pipeline.routing import sql_shard_expr
 from shards.identity.directory import (
     INVALID_HANDLE, DIDNotFound, Directory, Identity, IdentityError, ResolutionFailed,
 )
+from shards.store.writes import lock_users
 
 log = logging.getLogger("pipeline.refresher")
 
@@ -110,7 +111,8 @@ class Refresher:
         while not self._late.empty():
             rows.append(_row(self._late.get()))
         if rows:
-            with self._pool.connection() as conn, conn.cursor() as cur:
+            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                lock_users(cur, (row[-1] for row in rows))
                 cur.executemany(_UPDATE + " AND incomplete", rows)
 
     def _count_due(self) -> int:
@@ -152,6 +154,7 @@ class Refresher:
                   if not (isinstance(o, Identity) and o.complete)]
         try:
             with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                lock_users(cur, dids)
                 if done:
                     cur.executemany(_UPDATE, done)
                 if failed:

@@ -1,6 +1,7 @@
 """Turning an ordered run of events into one transaction of bulk statements."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -206,7 +207,18 @@ def _merge(cur: psycopg.Cursor, changes: Changes) -> None:
         cur.execute(MERGE[table])
 
 
+def lock_users(cur: psycopg.Cursor, dids: Iterable[str]) -> None:
+    """Locks these users' rows in one order (bytewise DID order) before they are updated.
+
+    Every transaction that updates several users (the writer, the refresher) takes its locks
+    this way, so two of them never wait on each other's rows in a cycle (a deadlock)."""
+    cur.execute('SELECT 1 FROM users WHERE did = ANY(%s) ORDER BY did COLLATE "C" FOR UPDATE',
+                (list(dids),))
+
+
 def _apply_rest(cur: psycopg.Cursor, changes: Changes) -> None:
+    if changes.profiles or changes.accounts or changes.identities:
+        lock_users(cur, {*changes.profiles, *changes.accounts, *changes.identities})
     if changes.profiles:
         cur.executemany(
             "UPDATE users SET display_name = %s, description = %s, avatar_cid = %s,"
