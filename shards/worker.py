@@ -18,6 +18,7 @@ from typing import Any
 import psycopg
 
 from pipeline.logs import configure
+from shards import collector
 from shards.events import BadEvent, Event, decode
 from shards.identity import IdentityConfig, build_directory
 from shards.refresher import Refresher
@@ -288,7 +289,9 @@ def main(config: WorkerConfig, conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure(config.log_level, config.log_format, f"shard-{config.shard}")
     try:
-        ShardWorker(config, conn).run()
+        worker = ShardWorker(config, conn)
+        collector.settle()
+        worker.run()
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass  # the supervisor is gone: nothing to acknowledge to
     finally:

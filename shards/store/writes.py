@@ -66,10 +66,9 @@ def _subject(record: dict[str, Any]) -> tuple[str | None, str | None]:
     return None, None
 
 
-def row_for(table: str, ev: Event) -> tuple[Any, ...]:
-    """The row a create or update writes into its table."""
+def row_for(table: str, ev: Event, uri: str) -> tuple[Any, ...]:
+    """The row a create or update writes into its table (`uri` is the event's, made once)."""
     rec = ev.record or {}
-    uri = ev.uri
     if table == "posts":
         reply = rec.get("reply") if isinstance(rec.get("reply"), dict) else {}
         parent = reply.get("parent") if isinstance(reply.get("parent"), dict) else {}
@@ -117,7 +116,7 @@ class Changes:
                 self.deletes.setdefault(table, set()).add(uri)
             else:
                 self.deletes.get(table, set()).discard(uri)
-                self.upserts.setdefault(table, {})[uri] = row_for(table, ev)
+                self.upserts.setdefault(table, {})[uri] = row_for(table, ev, uri)
 
     def __bool__(self) -> bool:
         return bool(self.upserts or self.deletes or self.profiles or self.accounts
