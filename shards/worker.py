@@ -24,7 +24,7 @@ from shards.identity import IdentityConfig, build_directory
 from shards.refresher import Refresher
 from shards.stats import ShardStats
 from shards.store.pool import open_pool
-from shards.store.writes import Changes, Writer
+from shards.store.writes import Changes, Writer, existing_users
 from shards.users import UserCreations
 
 log = logging.getLogger("pipeline.shard")
@@ -220,8 +220,7 @@ class ShardWorker:
         for attempt in range(1_000_000):
             try:
                 with self.pool.connection() as conn:
-                    rows = conn.execute("SELECT did FROM users WHERE did = ANY(%s)", (dids,))
-                    return {r[0] for r in rows}
+                    return existing_users(conn, dids)
             except psycopg.OperationalError as exc:
                 self._backoff(attempt, exc)
         raise AssertionError("unreachable")

@@ -144,7 +144,13 @@ MERGE = {
 
 
 def prepare_connection(conn: psycopg.Connection) -> None:
-    """Creates this session's staging tables (pool `configure` hook)."""
+    """Readies a session (pool `configure` hook): its staging tables, and a plan per execution.
+
+    psycopg prepares a statement run five times, and PostgreSQL then keeps one generic plan for
+    it. Planned while `users` or a record table was still small (a fresh database, a rebuild),
+    that plan scans the whole table for `did = ANY(...)` or `uri = ANY(...)` and keeps doing
+    so as the table grows: 140 ms per lookup at 100,000 users instead of 0.3 ms by the index."""
+    conn.execute("SET plan_cache_mode = force_custom_plan")
     for sql in STAGING:
         conn.execute(sql)
     conn.commit()
@@ -204,6 +210,11 @@ def _merge(cur: psycopg.Cursor, changes: Changes) -> None:
     for table, cols, rows in _tables(changes):
         _copy(cur, f"stage_{table}", cols, rows)
         cur.execute(MERGE[table])
+
+
+def existing_users(conn: psycopg.Connection, dids: list[str]) -> set[str]:
+    """Which of these DIDs have a users row already."""
+    return {r[0] for r in conn.execute("SELECT did FROM users WHERE did = ANY(%s)", (dids,))}
 
 
 def lock_users(cur: psycopg.Cursor, dids: Iterable[str]) -> None:
