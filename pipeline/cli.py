@@ -401,7 +401,6 @@ def worker(shard: int, shards: int, transport: str, pool_size: int | None, pool_
     try:
         dsn = resolve_dsn(dsn, data_dir)
         open_database(dsn, f"pipeline-shard-{shard}").close()
-        from shards import collector
         from shards.worker import ShardWorker, WorkerConfig
 
         config = WorkerConfig(
@@ -420,7 +419,6 @@ def worker(shard: int, shards: int, transport: str, pool_size: int | None, pool_
         link = RedisWorkerLink(client, shard, shards, on_source=on_source)
         try:
             holder["w"] = ShardWorker(config, link)  # type: ignore[arg-type]
-            collector.settle()
             state["link"] = link
             if state["stop"]:
                 link.stop()

@@ -122,6 +122,7 @@ class ShardWorker:
         self.stopping = False
 
     def run(self) -> None:
+        collector.settle()  # start-up is done: the pool, the directory and the modules stay
         self.conn.send(("ready", self.config.shard))
         self.refresher.start()
         last_stats = time.monotonic()
@@ -288,9 +289,7 @@ def main(config: WorkerConfig, conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure(config.log_level, config.log_format, f"shard-{config.shard}")
     try:
-        worker = ShardWorker(config, conn)
-        collector.settle()
-        worker.run()
+        ShardWorker(config, conn).run()
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass  # the supervisor is gone: nothing to acknowledge to
     finally:

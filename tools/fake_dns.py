@@ -40,8 +40,6 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rdtypes.ANY.TXT
 
-from shards import collector
-
 Failure = Literal["servfail", "refused", "drop"]
 Records = Mapping[str, Mapping[str, Sequence[str]]]
 
@@ -428,7 +426,6 @@ def main(argv: list[str]) -> int:
     """Serves the records of a JSON file ({name: {TYPE: [values]}}) until interrupted."""
     records = json.loads(open(argv[0]).read()) if argv else {}
     server = FakeDNS(records).start()
-    collector.settle()  # the records stay for the whole run: no collection walks them again
     print(server.address, flush=True)
     try:
         threading.Event().wait()

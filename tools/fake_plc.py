@@ -26,8 +26,6 @@ from urllib.parse import unquote
 import click
 import orjson
 
-from shards import collector
-
 PROFILES = ("healthy", "slow", "hang", "down", "never")
 MAX_HEAD = 64 * 1024  # a request head larger than this is refused (400)
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 501: "Not Implemented"}
@@ -471,7 +469,6 @@ def main(docs_path: str, port: int, profile: str, slow_fraction: float, seed: in
     docs = orjson.loads(Path(docs_path).read_bytes())
     plc = FakePLC(docs, port=port, profile=profile, latency=latency, slow_fraction=slow_fraction,
                   seed=seed, hang_dids=hang_dids)
-    collector.settle()  # the documents stay for the whole run: no collection walks them again
     with plc:
         click.echo(f"fake PLC ({profile}, {len(docs)} DIDs) at {plc.url}; Ctrl-C to stop", err=True)
         try:
