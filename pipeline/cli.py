@@ -188,6 +188,11 @@ def main() -> None:
      help="Events per batch sent to a shard (one transaction each at most).")
 @opt("--from-start", is_flag=True, default=False,
      help="Ignore the saved cursor and read the source from its beginning.")
+@opt("--end-wait", type=click.FloatRange(min=0), default=1.0, show_default=True,
+     metavar="SECONDS",
+     help="Once a replay has read its last line, the longest an event still waits for its new "
+          "author's resolution (never more than --resolve-timeout): a lookup that hangs does not "
+          "hold the end of the run for the rest of its timeout. Local workers only.")
 @opt("--metrics-port", type=click.IntRange(min=0, max=65535), default=0,
      help="Serve Prometheus metrics at http://ADDR:PORT/metrics (0: off).")
 @opt("--metrics-addr", default="127.0.0.1", show_default=True,
@@ -203,7 +208,7 @@ def main() -> None:
 @database_options
 @common_options
 def run(replay: str | None, jetstream: str | None, collections: tuple[str, ...], shards: int,
-        pool_budget: int, batch_size: int, from_start: bool, metrics_port: int,
+        pool_budget: int, batch_size: int, from_start: bool, end_wait: float, metrics_port: int,
         metrics_addr: str, summary_json: str | None, transport: str, stream_limit: int,
         resolve_timeout: float, max_user_creations: int,
         plc_url: str, dns_server: str | None, allow_private_addresses: bool, dsn: str | None,
@@ -246,7 +251,8 @@ def run(replay: str | None, jetstream: str | None, collections: tuple[str, ...],
         dsn=dsn, shards=shards, pool_budget=pool_budget, max_user_creations=max_user_creations,
         resolve_timeout=resolve_timeout,
         identity=identity_config(plc_url, dns_server, allow_private_addresses, resolve_timeout),
-        batch_size=batch_size, from_start=from_start, log_level=log_level.upper(),
+        batch_size=batch_size, from_start=from_start, end_wait=end_wait,
+        log_level=log_level.upper(),
         log_format=log_format(),
         transport=redis_url or "local", stream_limit=stream_limit,
     )

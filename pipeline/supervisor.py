@@ -53,6 +53,7 @@ class RunOptions:
     max_open_events: int = 20_000  # per shard: sent but not yet committed
     from_start: bool = False
     refresh_interval: float = 30.0
+    end_wait: float = 1.0  # once the source has ended, the longest a new author is waited for
     log_level: str = "WARNING"
     log_format: str = "text"
     transport: str = "local"  # or a redis:// URL: workers are `pipeline worker` processes
@@ -127,6 +128,7 @@ class ShardProcess:
     stats: ShardStats | None = None
     past: list[ShardStats] = field(default_factory=list)
     finished: bool = False
+    told_end: bool = False  # sent ("end",) after the last batch
 
 
 class AlreadyRunning(Exception):
@@ -240,7 +242,7 @@ class Supervisor:
             shard=sp.shard, shards=self.o.shards, dsn=self.o.dsn, pool_size=self.per_shard_pool,
             slots=self.slots, resolve_timeout=self.o.resolve_timeout, identity=self.o.identity,
             source=self.source.name, refresh_interval=self.o.refresh_interval,
-            log_level=self.o.log_level, log_format=self.o.log_format,
+            end_wait=self.o.end_wait, log_level=self.o.log_level, log_format=self.o.log_format,
         )
         parent, child = self.ctx.Pipe(duplex=True)
         sp.process = self.ctx.Process(target=worker_main, args=(config, child),
@@ -248,7 +250,7 @@ class Supervisor:
         sp.process.start()
         child.close()
         sp.conn, sp.ready, sp.started, sp.restart_at = parent, False, time.monotonic(), None
-        sp.inflight = set()
+        sp.inflight, sp.told_end = set(), False
         for batch in sp.retained.values():  # redelivery: what the dead worker never committed
             self._send(sp, batch)
 
@@ -356,6 +358,18 @@ class Supervisor:
                 sp.open_events += batch.remaining
                 self._send(sp, batch)
 
+    def _tell_end(self) -> None:
+        """Tells each local worker, after its last batch, that the source has ended: from then
+        on it waits for slow resolutions at most --end-wait seconds more."""
+        for sp in self.shards:
+            if self.transport is None and sp.conn is not None and not sp.told_end \
+                    and not sp.buffer.lines:
+                try:
+                    sp.conn.send(("end",))
+                    sp.told_end = True
+                except (BrokenPipeError, ConnectionResetError, OSError):
+                    self._died(sp)
+
     def _send(self, sp: ShardProcess, batch: Batch) -> None:
         try:
             sp.conn.send(batch.message())
@@ -431,6 +445,8 @@ class Supervisor:
             if not self.stopping.is_set():
                 self._take_chunks()
             self._flush(final=self.reader_done or self.stopping.is_set())
+            if self.reader_done and not self.stopping.is_set():
+                self._tell_end()
             now = time.monotonic()
             if now - last_cursor >= CURSOR_EVERY:
                 self._save_cursor()

@@ -162,6 +162,19 @@ class UserCreations:
         """Resolver threads now: one per slot, plus stand-ins for slow answers still awaited."""
         return self._threads.count
 
+    def end(self, now: float, wait: float) -> None:
+        """The source has ended: from `now` on, no creation waits more than `wait` seconds more.
+
+        Resolutions that answer in time are unaffected; one that hangs no longer keeps a replay
+        from finishing for the rest of its timeout (its late answer, if any, is lost with the
+        process, and the refresher completes the user)."""
+        self._timeout = min(self._timeout, wait)
+        limit = now + wait
+        for pending in self.pending.values():
+            if pending.deadline > limit:
+                pending.deadline = limit
+                heapq.heappush(self._deadlines, (limit, next(self._seq), pending.did))
+
     def next_deadline(self) -> float | None:
         return self._deadlines[0][0] if self._deadlines else None
 

@@ -1,6 +1,7 @@
 """One shard worker: decode, make sure authors exist, write a batch per transaction, acknowledge.
 
-Messages in: ("batch", batch_id, read_time, idxs, positions, lines) and ("stop",).
+Messages in: ("batch", batch_id, read_time, idxs, positions, lines), ("end",) once the source
+has ended (after its last batch), and ("stop",).
 Messages out: ("ready", shard), ("ack", shard, {batch_id: (committed_idxs, dead_idxs)})
 after each commit (and with empty lists as soon as a batch is taken), ("stats", shard, stats)
 now and then, and a last ("stats", ...) on exit."""
@@ -50,6 +51,7 @@ class WorkerConfig:
     identity: IdentityConfig
     source: str
     refresh_interval: float = 30.0
+    end_wait: float = 1.0  # once the source has ended, the longest a new author is waited for
     known_capacity: int = 1_000_000
     log_level: str = "WARNING"
     log_format: str = "text"
@@ -144,6 +146,8 @@ class ShardWorker:
                     msg = self.conn.recv()
                     if msg[0] == "stop":
                         self.stopping = True
+                    elif msg[0] == "end":
+                        self.users.end(time.monotonic(), self.config.end_wait)
                     else:
                         taken[msg[1]] = ([], [])
                         self._take(msg, txn)

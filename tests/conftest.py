@@ -123,8 +123,10 @@ def held(plc: FakePLC, did: str) -> Iterator[None]:
         plc.release(did)
 
 
-# with an author held, the resolve timeout must not expire into a fallback handle meanwhile
-HOLD = ("--resolve-timeout", "120")
+# with an author held, the resolve timeout must not expire into a fallback handle meanwhile,
+# nor may the end of the replay cut its wait short
+WORKER_HOLD = ("--resolve-timeout", "120")  # `pipeline worker`: no end of a source to cut it
+HOLD = (*WORKER_HOLD, "--end-wait", "120")
 
 
 TABLES = ("users", "posts", "likes", "reposts", "follows", "blocks", "records", "dead_letters")

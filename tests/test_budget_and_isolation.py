@@ -66,7 +66,7 @@ def test_hung_resolution_delays_only_its_own_did(dsn: str, tmp_path: Path) -> No
         started = time.monotonic()
         proc = start_pipeline("run", "--replay", str(path), "--dsn", dsn, "--shards", "2",
                               "--pool-budget", "3", *identity_args(*net),
-                              "--resolve-timeout", str(timeout),
+                              "--resolve-timeout", str(timeout), "--end-wait", str(timeout),
                               "--batch-size", "10")
         seen: list[tuple[float, int, int]] = []  # (seconds since start, others' rows, hung's rows)
         deadline = started + 90
@@ -86,6 +86,29 @@ def test_hung_resolution_delays_only_its_own_did(dsn: str, tmp_path: Path) -> No
     assert others_done < timeout / 2, (others_done, err)
     assert hung_done >= timeout
     assert query(dsn, "SELECT handle, incomplete FROM users WHERE did = %s", (hung,)) == [(hung, True)]
+
+
+def test_the_end_of_a_replay_waits_for_a_hung_author_only_end_wait_more(dsn: str,
+                                                                       tmp_path: Path) -> None:
+    docs = json.loads((DATA / "did_docs.json").read_text())
+    corpus = [l for l in (DATA / "expected_v1.jsonl").read_bytes().splitlines()
+              if orjson.loads(l)["kind"] == "commit" and orjson.loads(l)["did"] in docs]
+    hung = orjson.loads(corpus[-1])["did"]  # last in the file: nothing else overlaps its wait
+    path = tmp_path / "hung-last.jsonl"
+    path.write_bytes(b"\n".join(l for l in corpus if orjson.loads(l)["did"] != hung)
+                     + b"\n" + b"\n".join(l for l in corpus if orjson.loads(l)["did"] == hung)
+                     + b"\n")
+    with fake_network(docs, hang_dids={hung}) as net:
+        started = time.monotonic()
+        result = run_pipeline("run", "--replay", str(path), "--dsn", dsn, "--shards", "2",
+                              *identity_args(*net), "--resolve-timeout", "60", "--end-wait", "1")
+        took = time.monotonic() - started
+        assert net[0].requests_for(hung) == 1
+    assert result.returncode == 0, result.stderr
+    assert took < 20 < 60, result.stdout  # not the 60 s the hung lookup could have had
+    assert "(1 with the DID as fallback handle" in result.stdout
+    assert query(dsn, "SELECT handle, incomplete FROM users WHERE did = %s", (hung,)) == [(hung, True)]
+    assert query(dsn, "SELECT count(*) FROM users WHERE did <> %s AND incomplete", (hung,)) == [(0,)]
 
 
 ALL_ROWS = " UNION ALL ".join(f"SELECT author_did FROM {t}" for t in

@@ -18,8 +18,8 @@ import redis
 
 from pipeline.transport.redis import (GROUP, RedisWorkerLink, SupervisorTransport, lock_key,
                                       shard_stream)
-from tests.conftest import (HOLD, database, digest, held, identity_args, query, rows_committed,
-                            run_pipeline, start_pipeline, wait_until)
+from tests.conftest import (HOLD, WORKER_HOLD, database, digest, held, identity_args, query,
+                            rows_committed, run_pipeline, start_pipeline, wait_until)
 from tools.generate import write_replay
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/9")
@@ -118,7 +118,7 @@ def test_workers_over_redis_one_killed_match_a_local_run(
         run = start_pipeline(*run_args(dsn, replay_file, net, "--batch-size", "500",
                                        "--stream-limit", "6", *HOLD))
         procs.append(run)
-        workers = {k: start_worker(procs, dsn, net, k, 4, *HOLD) for k in range(4)}
+        workers = {k: start_worker(procs, dsn, net, k, 4, *WORKER_HOLD) for k in range(4)}
         wait_until(lambda: run.poll() is not None or rows_committed(dsn) > 5_000)
         assert run.poll() is None, run.communicate()[1]
 
@@ -141,7 +141,7 @@ def test_workers_over_redis_one_killed_match_a_local_run(
         assert held_entries >= pending
         wait_until(lambda: not rds.exists(lock_key(1)), timeout=15)  # its lock expires
         assert run.poll() is None, "the run cannot end while shard 1's entries are pending"
-        workers[1] = start_worker(procs, dsn, net, 1, 4, *HOLD)
+        workers[1] = start_worker(procs, dsn, net, 1, 4, *WORKER_HOLD)
 
     out, err = run.communicate(timeout=120)
     assert run.returncode == 0, err
@@ -222,7 +222,7 @@ def test_redis_connections_killed_midway_lose_nothing(
         run = start_pipeline(*run_args(dsn, replay_file, net, "--batch-size", "200",
                                        "--stream-limit", "8", *HOLD))
         procs.append(run)
-        workers = [start_worker(procs, dsn, net, k, 4, *HOLD) for k in range(4)]
+        workers = [start_worker(procs, dsn, net, k, 4, *WORKER_HOLD) for k in range(4)]
         me, db, kills = rds.client_id(), str(rds.connection_pool.connection_kwargs.get("db", 0)), 0
         for threshold in (3_000, 8_000, 13_000):
             wait_until(lambda: rows_committed(dsn) > threshold)
