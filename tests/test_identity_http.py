@@ -141,6 +141,15 @@ def test_slow_upstream_times_out(stub: StubServer) -> None:
     assert info.value.upstream == f"127.0.0.1:{stub.port}"
 
 
+def test_a_fetch_ends_at_its_total_timeout_even_within_one_read(stub: StubServer) -> None:
+    stub.hang()  # one read could wait 5 s; the whole fetch may take 0.3
+    base = BaseDirectory(local_config(plc_url=stub.url, read_timeout=5.0, total_timeout=0.3))
+    started = time.monotonic()
+    with pytest.raises(ResolutionFailed, match="timed out|in time"):
+        base.resolve_did(PLC)
+    assert 0.25 < time.monotonic() - started < 2
+
+
 def test_redirects_followed_within_bound(stub: StubServer) -> None:
     stub.route(f"/{PLC}", status=302, headers={"Location": "/moved"})
     stub.route("/moved", status=301, headers={"Location": f"{stub.url}/final"})
@@ -228,6 +237,19 @@ def test_tls_pinned_connection_verifies_the_name(dns: FakeDNS, tls_stub: tuple[S
     stub.document(did_document("did:web:other.test", "dave.test"), path="/.well-known/did.json")
     with pytest.raises(ResolutionFailed, match="(?i)certificate|hostname"):
         base.resolve_did("did:web:other.test")
+
+
+def test_tls_answer_that_never_comes_times_out(dns: FakeDNS,
+                                               tls_stub: tuple[StubServer, Path]) -> None:
+    stub, cert = tls_stub
+    dns.add_a("secure.test", "127.0.0.1")
+    stub.hang()
+    base = BaseDirectory(local_config(dns.address, web_scheme="https", web_port=stub.port,
+                                      ca_bundle=str(cert), read_timeout=0.3))
+    started = time.monotonic()
+    with pytest.raises(ResolutionFailed, match="timed out"):
+        base.resolve_did("did:web:secure.test")
+    assert 0.25 < time.monotonic() - started < 2
 
 
 def test_https_to_http_redirect_refused(dns: FakeDNS, tls_stub: tuple[StubServer, Path]) -> None:

@@ -22,12 +22,13 @@ import re
 import selectors
 import socket
 import struct
-import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
+import click
 import dns.exception
 import dns.flags
 import dns.ipv4
@@ -422,19 +423,25 @@ class FakeDNS:
         return dns.rdata.from_text(dns.rdataclass.IN, rdtype, value)
 
 
-def main(argv: list[str]) -> int:
-    """Serves the records of a JSON file ({name: {TYPE: [values]}}) until interrupted."""
-    records = json.loads(open(argv[0]).read()) if argv else {}
+@click.command()
+@click.argument("records_path", metavar="RECORDS", required=False,
+                type=click.Path(exists=True, dir_okay=False))
+def main(records_path: str | None) -> None:
+    """Serve the DNS records of RECORDS, a JSON file of {name: {TYPE: [values]}}, on 127.0.0.1
+    (UDP and TCP) until interrupted; prints the HOST:PORT to give --dns-server."""
+    try:
+        records = json.loads(Path(records_path).read_text()) if records_path else {}
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="RECORDS") from None
     server = FakeDNS(records).start()
-    print(server.address, flush=True)
+    click.echo(server.address)
     try:
         threading.Event().wait()
     except KeyboardInterrupt:
         pass
     finally:
         server.stop()
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    main()

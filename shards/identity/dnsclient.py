@@ -28,6 +28,7 @@ import dns.wire
 
 from .config import IdentityConfig, parse_server
 from .directory import ResolutionFailed
+from .sockets import set_timeout
 
 SYSTEM_ADDRESS_TTL = 60.0  # getaddrinfo tells no TTL: its answers are reused this long at most
 MAX_CNAME_CHAIN = 16
@@ -240,17 +241,19 @@ def _udp(query: _Query, server: str, port: int, timeout: float) -> _Reply:
     deadline = time.monotonic() + timeout
     family = socket.AF_INET6 if ":" in server else socket.AF_INET
     with socket.socket(family, socket.SOCK_DGRAM) as sock:
-        sock.settimeout(timeout)
+        set_timeout(sock, timeout)
         sock.connect((server, port))  # datagrams from any other address never reach us
         sock.send(query.wire)
         while True:
             try:
                 return _parse(sock.recv(65535), query)
+            except BlockingIOError:  # the kernel's timeout
+                raise TimeoutError from None
             except _NotOurs:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError from None
-                sock.settimeout(remaining)
+                set_timeout(sock, remaining)
 
 
 def _tcp(query: _Query, server: str, port: int, timeout: float) -> _Reply:

@@ -30,6 +30,7 @@ from .addresses import is_public_address, preferred_address
 from .config import IdentityConfig
 from .directory import AddressRefused, ResolutionFailed
 from .dnsclient import DnsClient
+from .sockets import expired, set_timeout
 
 POOL_MAXSIZE = 128  # idle keep-alive connections kept per upstream address
 MAX_VETTED_HOSTS = 10_000  # vetted addresses remembered (oldest forgotten first)
@@ -67,9 +68,12 @@ def _tls_context(ca_bundle: str | None) -> ssl.SSLContext:
 
 @dataclass
 class _Connection:
-    """One keep-alive connection to a pinned address."""
+    """One keep-alive connection to a pinned address. Plain ones have the kernel keep their
+    timeouts (`timeout`: what it gives a call); TLS ones keep Python's, because OpenSSL retries a
+    read on a blocking socket that the kernel's timeout ended, forever."""
 
     sock: socket.socket
+    timeout: float | None  # None: TLS, Python's timeout set before each call
     reused: bool = False
 
     def close(self) -> None:
@@ -211,10 +215,12 @@ class HttpFetcher:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if scheme == "https":  # connect to the address, do TLS for the name
                 sock = self._tls_context().wrap_socket(sock, server_hostname=name)
+                return _Connection(sock, None)
+            set_timeout(sock, self._config.read_timeout)
         except BaseException:
             sock.close()
             raise
-        return _Connection(sock)
+        return _Connection(sock, self._config.read_timeout)
 
     def _tls_context(self) -> ssl.SSLContext:
         with self._lock:  # one context, shared by every connection and never changed after
@@ -253,7 +259,8 @@ class HttpFetcher:
                 continue  # the server closed an idle connection: the GET is sent again, afresh
             except _TRANSPORT_ERRORS as exc:
                 self.forget(name)  # the host may have moved: look it up again next time
-                raise ResolutionFailed(f"GET {url}: {exc}", upstream=upstream) from exc
+                why = "timed out" if expired(exc) else exc
+                raise ResolutionFailed(f"GET {url}: {why}", upstream=upstream) from exc
 
     def _exchange(
         self, key: tuple[str, str, int, str], conn: _Connection, request: bytes,
@@ -318,10 +325,16 @@ class HttpFetcher:
         return False
 
     def _timeout(self, conn: _Connection, deadline: float, url: str, upstream: str) -> None:
+        """The next call may wait for the read timeout, or for what is left of the fetch; on a
+        plain connection only the latter, near the end, costs a system call to tell the kernel."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise ResolutionFailed(f"{url}: not answered in time", upstream=upstream)
-        conn.sock.settimeout(min(self._config.read_timeout, remaining))
+        if conn.timeout is None:
+            conn.sock.settimeout(min(self._config.read_timeout, remaining))
+        elif remaining < conn.timeout:
+            set_timeout(conn.sock, remaining)
+            conn.timeout = remaining
 
 
 class _Stale(Exception):
