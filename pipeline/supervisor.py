@@ -361,21 +361,24 @@ class Supervisor:
     def _tell_end(self) -> None:
         """Tells each local worker, after its last batch, that the source has ended: from then
         on it waits for slow resolutions at most --end-wait seconds more."""
+        if self.transport is not None:  # redis workers outlive runs: nothing to tell them
+            return
         for sp in self.shards:
-            if self.transport is None and sp.conn is not None and not sp.told_end \
-                    and not sp.buffer.lines:
-                try:
-                    sp.conn.send(("end",))
-                    sp.told_end = True
-                except (BrokenPipeError, ConnectionResetError, OSError):
-                    self._died(sp)
+            if sp.conn is not None and not sp.told_end and not sp.buffer.lines:
+                sp.told_end = self._deliver(sp, ("end",))
 
     def _send(self, sp: ShardProcess, batch: Batch) -> None:
-        try:
-            sp.conn.send(batch.message())
+        if self._deliver(sp, batch.message()):
             sp.inflight.add(batch.id)
+
+    def _deliver(self, sp: ShardProcess, msg: tuple[Any, ...]) -> bool:
+        """Sends `msg` to the shard; False (and the shard counted dead) if its pipe is broken."""
+        try:
+            sp.conn.send(msg)
+            return True
         except (BrokenPipeError, ConnectionResetError, OSError):
             self._died(sp)
+            return False
 
     # ----- acknowledgements ------------------------------------------------------------------
 

@@ -52,15 +52,22 @@ def test_more_shards_than_budget_is_refused(dsn: str) -> None:
     assert len(lines) == 1 and "--pool-budget 20" in lines[0] and "64 shards" in lines[0]
 
 
-def test_hung_resolution_delays_only_its_own_did(dsn: str, tmp_path: Path) -> None:
+def _hung_corpus(tmp_path: Path, first: bool) -> tuple[dict, str, Path]:
+    """The corpus' commits of authors with documents, those of one of them (the first or the
+    last author in the file, to hang) moved to the front or the end: docs, that DID, the file."""
     docs = json.loads((DATA / "did_docs.json").read_text())
     corpus = [l for l in (DATA / "expected_v1.jsonl").read_bytes().splitlines()
               if orjson.loads(l)["kind"] == "commit" and orjson.loads(l)["did"] in docs]
-    hung = orjson.loads(corpus[0])["did"]
+    hung = orjson.loads(corpus[0 if first else -1])["did"]
     hung_lines = [l for l in corpus if orjson.loads(l)["did"] == hung]
     others = [l for l in corpus if orjson.loads(l)["did"] != hung]
-    path = tmp_path / "hung-first.jsonl"
-    path.write_bytes(b"\n".join(hung_lines + others) + b"\n")
+    path = tmp_path / ("hung-first.jsonl" if first else "hung-last.jsonl")
+    path.write_bytes(b"\n".join(hung_lines + others if first else others + hung_lines) + b"\n")
+    return docs, hung, path
+
+
+def test_hung_resolution_delays_only_its_own_did(dsn: str, tmp_path: Path) -> None:
+    docs, hung, path = _hung_corpus(tmp_path, first=True)
     timeout = 8.0
     with fake_network(docs, hang_dids={hung}) as net:
         started = time.monotonic()
@@ -90,14 +97,7 @@ def test_hung_resolution_delays_only_its_own_did(dsn: str, tmp_path: Path) -> No
 
 def test_the_end_of_a_replay_waits_for_a_hung_author_only_end_wait_more(dsn: str,
                                                                        tmp_path: Path) -> None:
-    docs = json.loads((DATA / "did_docs.json").read_text())
-    corpus = [l for l in (DATA / "expected_v1.jsonl").read_bytes().splitlines()
-              if orjson.loads(l)["kind"] == "commit" and orjson.loads(l)["did"] in docs]
-    hung = orjson.loads(corpus[-1])["did"]  # last in the file: nothing else overlaps its wait
-    path = tmp_path / "hung-last.jsonl"
-    path.write_bytes(b"\n".join(l for l in corpus if orjson.loads(l)["did"] != hung)
-                     + b"\n" + b"\n".join(l for l in corpus if orjson.loads(l)["did"] == hung)
-                     + b"\n")
+    docs, hung, path = _hung_corpus(tmp_path, first=False)  # nothing overlaps its wait
     with fake_network(docs, hang_dids={hung}) as net:
         started = time.monotonic()
         result = run_pipeline("run", "--replay", str(path), "--dsn", dsn, "--shards", "2",

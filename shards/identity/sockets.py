@@ -12,7 +12,8 @@ import struct
 
 def set_timeout(sock: socket.socket, seconds: float) -> None:
     """Makes `sock` blocking, each send or receive giving up after `seconds` (at least 1 ms)."""
-    sock.settimeout(None)
+    if sock.gettimeout() is not None:  # setting it costs a system call even when it is so
+        sock.settimeout(None)
     whole = max(seconds, 0.001)
     value = struct.pack("ll", int(whole), int((whole % 1) * 1_000_000))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
