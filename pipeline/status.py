@@ -16,7 +16,8 @@ from typing import Any
 import click
 import psycopg
 
-from pipeline.cli import (
+from common.routing import sql_shard_expr
+from pipeline.options import (
     RET_DATABASE,
     _short,
     common_options,
@@ -29,7 +30,6 @@ from pipeline.cli import (
     resolve_dsn,
     setup_logging,
 )
-from pipeline.routing import sql_shard_expr
 
 RECORD_TABLES = ("posts", "likes", "reposts", "follows", "blocks", "records")
 RAW_PREVIEW_CHARS = 80

@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 import psycopg
 
-from pipeline.routing import shard_for
+from common.routing import shard_for
 from pipeline.sources.base import Source, SourceError
 from pipeline.summary import Summary
 from shards.identity import IdentityConfig

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from pipeline.routing import sql_shard_expr
+from common.routing import sql_shard_expr
 from shards.identity.directory import (
     INVALID_HANDLE, DIDNotFound, Directory, Identity, IdentityError, ResolutionFailed,
 )

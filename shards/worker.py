@@ -18,7 +18,7 @@ from typing import Any
 
 import psycopg
 
-from pipeline.logs import configure
+from common.logs import configure
 from shards import collector
 from shards.events import BadEvent, Event, decode
 from shards.identity import IdentityConfig, build_directory

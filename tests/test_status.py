@@ -8,7 +8,7 @@ import orjson
 import psycopg
 import pytest
 
-from pipeline.routing import shard_for
+from common.routing import shard_for
 from tests.conftest import DATA, fake_network, identity_args, query, run_pipeline
 
 DOCS = json.loads((DATA / "did_docs.json").read_text())

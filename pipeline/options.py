@@ -1,0 +1,167 @@
+"""What every command shares: PIPELINE_* options, exit codes, one-line errors, the database.
+
+`cli.py` builds the commands from these, and so does `status.py`; neither imports the other."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+import psycopg
+
+from common.logs import FORMATS, configure
+from pipeline import embedded
+
+RET_OK = 0
+RET_ERROR = 1
+RET_USAGE = 2
+RET_DATABASE = 3
+RET_SOURCE = 4
+
+log = logging.getLogger("pipeline")
+_KNOWN_ENV: set[str] = {"PIPELINE_DATA_DIR"}
+
+
+def opt(*decls: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A click option whose environment variable is PIPELINE_ plus its long name."""
+    long = next(d for d in decls if d.startswith("--")).split("/")[0]
+    env = "PIPELINE_" + long[2:].upper().replace("-", "_")
+    _KNOWN_ENV.add(env)
+    return click.option(*decls, envvar=env, show_envvar=True, **kwargs)
+
+
+def fail(message: str, code: int) -> None:
+    """One clear line for a user's mistake, and a non-zero exit."""
+    click.echo(f"pipeline: {message}", err=True)
+    sys.exit(code)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__
+
+
+def database_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = opt("--data-dir", default=embedded.DEFAULT_DATA_DIR, show_default=True,
+            type=click.Path(file_okay=False),
+            help="Where the embedded PostgreSQL keeps its files (used when no --dsn).")(f)
+    f = opt("--dsn", default=None, metavar="DSN",
+            help="PostgreSQL connection string. Absent: an embedded server in --data-dir.")(f)
+    return f
+
+
+def identity_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = opt("--allow-private-addresses", is_flag=True, default=False,
+            help="Let identity lookups reach private, loopback and link-local addresses "
+                 "(tests and private networks only).")(f)
+    f = opt("--dns-server", default=None, metavar="HOST[:PORT]",
+            help="DNS server for handle verification. Default: the system's resolvers.")(f)
+    f = opt("--plc-url", default="https://plc.directory", show_default=True,
+            help="PLC directory that resolves did:plc.")(f)
+    f = opt("--resolve-timeout", type=click.FloatRange(min=0.01), default=5.0, show_default=True,
+            metavar="SECONDS",
+            help="Longest an event waits for its new author's resolution before the user is "
+                 "written with the DID as handle and marked incomplete.")(f)
+    f = opt("--max-user-creations", type=click.IntRange(min=1), default=100, show_default=True,
+            help="Most resolutions of new users at once, across all shards.")(f)
+    return f
+
+
+def transport_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return opt("--transport", default="local", show_default=True,
+               metavar="local|redis://HOST:PORT/DB",
+               help="How batches reach the shard workers: child processes (local), or Redis "
+                    "Streams read by `pipeline worker` processes on any machine.")(f)
+
+
+def redis_transport(value: str) -> str | None:
+    """None for local; for a redis:// URL, the URL once Redis answers (else exit 1)."""
+    from pipeline.transport import parse_transport
+
+    try:
+        url = parse_transport(value)
+    except ValueError as exc:
+        fail(str(exc), RET_USAGE)
+    if url is None:
+        return None
+    import redis
+
+    from pipeline.transport.redis import connect, describe
+
+    try:
+        client = connect(url)
+        client.ping()
+        client.close()
+    except (redis.RedisError, ValueError) as exc:
+        fail(f"cannot reach Redis at {describe(url)}: {_short(exc)}", RET_ERROR)
+    return url
+
+
+def common_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = opt("--log-format", type=click.Choice(FORMATS), default="text", show_default=True,
+            expose_value=False, is_eager=True,
+            callback=lambda ctx, _param, value: ctx.meta.__setitem__("log_format", value),
+            help="text for people, json for log collectors (one object a line).")(f)
+    f = opt("--log-level", default="INFO", show_default=True,
+            type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))(f)
+    return f
+
+
+def log_format() -> str:
+    ctx = click.get_current_context(silent=True)
+    return ctx.meta.get("log_format", "text") if ctx is not None else "text"
+
+
+def setup_logging(level: str, process: str = "supervisor") -> None:
+    configure(level, log_format(), process)
+    unknown = sorted(k for k in os.environ if k.startswith("PIPELINE_") and k not in _KNOWN_ENV)
+    for name in unknown:
+        log.warning("unknown environment variable %s is ignored", name)
+
+
+def resolve_dsn(dsn: str | None, data_dir: str) -> str:
+    """The DSN given, or that of the embedded server, started on demand."""
+    if dsn:
+        return dsn
+    try:
+        uri = embedded.start(data_dir)
+    except embedded.EmbeddedError as exc:
+        fail(str(exc), RET_DATABASE)
+    click.echo(f"pipeline: using the embedded PostgreSQL in {os.path.abspath(data_dir)}", err=True)
+    return uri
+
+
+def connect_database(dsn: str, application_name: str = "pipeline") -> psycopg.Connection:
+    """Connects; an unreachable server is one line and exit 3."""
+    from shards.store.pool import connect
+
+    try:
+        return connect(dsn, application_name, connect_timeout=10)
+    except psycopg.Error as exc:
+        fail(f"cannot connect to the database: {_short(exc)}", RET_DATABASE)
+
+
+def open_database(dsn: str, application_name: str = "pipeline") -> psycopg.Connection:
+    """Connects and applies the migrations the database lacks."""
+    from shards.store import migrations
+
+    conn = connect_database(dsn, application_name)
+    migrations.upgrade(conn)
+    return conn
+
+
+def identity_config(plc_url: str, dns_server: str | None, allow_private_addresses: bool,
+                    resolve_timeout: float) -> Any:
+    """HTTP waits outlast the resolve timeout, so a late answer still reaches the refresher."""
+    from shards.identity import IdentityConfig
+
+    try:
+        return IdentityConfig(plc_url=plc_url.rstrip("/"), dns_server=dns_server,
+                              allow_private_addresses=allow_private_addresses,
+                              read_timeout=max(5.0, 1.5 * resolve_timeout),
+                              total_timeout=max(10.0, 2 * resolve_timeout))
+    except ValueError as exc:
+        fail(str(exc), RET_USAGE)
