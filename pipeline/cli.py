@@ -19,6 +19,7 @@ from pipeline.options import (
     connect_database,
     database_options,
     fail,
+    fill_counts,
     identity_config,
     identity_options,
     log,
@@ -120,6 +121,8 @@ def run(replay: str | None, jetstream: str | None, collections: tuple[str, ...],
         fail(str(exc), RET_SOURCE)
     dsn = resolve_dsn(dsn, data_dir)
     open_database(dsn).close()
+    for line in fill_counts(dsn, quiet=True):
+        log.info("%s", line)
     options = RunOptions(
         dsn=dsn, shards=shards, pool_budget=pool_budget, max_user_creations=max_user_creations,
         resolve_timeout=resolve_timeout,
@@ -330,13 +333,16 @@ def db() -> None:
 @database_options
 @common_options
 def upgrade(dsn: str | None, data_dir: str, log_level: str) -> None:
-    """Apply schema migrations (run does this too)."""
+    """Apply schema migrations, then fill counts of records older than them (run does this too)."""
     from shards.store import migrations
 
     setup_logging(log_level)
-    with connect_database(resolve_dsn(dsn, data_dir)) as conn:
+    dsn = resolve_dsn(dsn, data_dir)
+    with connect_database(dsn) as conn:
         applied = migrations.upgrade(conn)
     click.echo("applied " + ", ".join(applied) if applied else "schema is up to date")
+    for line in fill_counts(dsn):
+        click.echo(line)
 
 
 main.add_command(status)

@@ -42,6 +42,8 @@ import psutil
 import psycopg
 from psycopg import sql
 
+from tools.generate import Hot, hot_options
+
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_EVERY = 0.2
 MB = 1024 * 1024
@@ -75,17 +77,18 @@ def _atomic_write(path: Path, write: Any) -> None:
 
 
 def ensure_data(data_dir: Path, n_events: int, n_dids: int, seed: int,
-                echo: Any = print) -> DataFiles:
+                echo: Any = print, hot: Hot = Hot()) -> DataFiles:
     """The replay file, the DID documents and the DNS records, generated once per key."""
     from tools.generate import did_documents, write_replay
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    files = DataFiles(events=data_dir / f"events-{n_events}-{n_dids}-{seed}.jsonl",
+    tag = f"-hot-{hot.posts}-{hot.users}-{hot.share}" if hot != Hot() else ""
+    files = DataFiles(events=data_dir / f"events-{n_events}-{n_dids}-{seed}{tag}.jsonl",
                       docs=data_dir / f"docs-{n_dids}-{seed}.json",
                       dns=data_dir / f"dns-{n_dids}-{seed}.json")
     if not files.events.exists():
         started = time.perf_counter()
-        _atomic_write(files.events, lambda p: write_replay(p, n_events, n_dids, seed))
+        _atomic_write(files.events, lambda p: write_replay(p, n_events, n_dids, seed, hot))
         echo(f"generated {files.events} in {time.perf_counter() - started:.1f} s")
     if not files.docs.exists() or not files.dns.exists():
         docs = did_documents(n_dids, seed)
@@ -573,9 +576,11 @@ def _raise_interrupt(signum: int, _frame: object) -> None:
               help="Longest one pipeline run may take (seconds).")
 @click.option("--pipeline-arg", "extra", multiple=True, metavar="ARG",
               help="Extra argument for `pipeline run` (repeatable), e.g. --pipeline-arg=--batch-size=500.")
+@hot_options
 def main(n_events: int, n_dids: int, seed: int, shards: int, pool_budget: int, profile: str,
          slow_fraction: float, runs: int, dsn: str | None, data_dir: str | None,
-         json_out: str | None, timeout: float, extra: tuple[str, ...]) -> None:
+         json_out: str | None, timeout: float, extra: tuple[str, ...], hot_posts: int,
+         hot_users: int, hot_share: float) -> None:
     """Benchmark `pipeline run --replay` end to end against a raw COPY on the same server."""
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_interrupt)
@@ -586,8 +591,9 @@ def main(n_events: int, n_dids: int, seed: int, shards: int, pool_budget: int, p
     atexit.register(shutil.rmtree, scratch, True)
     echo = lambda msg: click.echo(msg, err=True)  # noqa: E731
     try:
+        hot = Hot(hot_posts, hot_users, hot_share)
         files = ensure_data(Path(data_dir) if data_dir else scratch / "data", n_events, n_dids,
-                            seed, echo=echo)
+                            seed, echo=echo, hot=hot)
         if dsn is None:
             from pipeline import embedded
 
@@ -600,6 +606,8 @@ def main(n_events: int, n_dids: int, seed: int, shards: int, pool_budget: int, p
         click.echo(f"bench: {n_events:,} events, {n_dids:,} DIDs, {shards} shards, budget "
                    f"{pool_budget}, PLC {profile}"
                    + (f" ({slow_fraction:.0%} hanging)" if profile == "slow" else "")
+                   + (f", {hot_share:.0%} of likes to {hot_posts} posts and of follows to "
+                      f"{hot_users} users" if hot != Hot() else "")
                    + f", {runs} run(s), {os.cpu_count()} CPUs")
         for i in range(1, runs + 1):
             r = run_once(i, server_dsn=dsn, files=files, n_events=n_events, shards=shards,
@@ -633,6 +641,7 @@ def main(n_events: int, n_dids: int, seed: int, shards: int, pool_budget: int, p
         if json_out:
             payload = {
                 "config": {"events": n_events, "dids": n_dids, "seed": seed, "shards": shards,
+                           "hot": asdict(hot),
                            "pool_budget": pool_budget, "profile": profile,
                            "slow_fraction": slow_fraction, "runs": runs,
                            "cpus": os.cpu_count(), "extra": list(extra)},

@@ -1,0 +1,201 @@
+-- Exact counts: post_stats and user_stats hold what the record tables hold, at every commit.
+--
+-- They follow what each statement really changed, never what an event asked for: statement
+-- triggers read their transition tables (a create that was there already, or a delete of
+-- something absent, changes no row and so no count; an update that changes a subject moves it)
+-- and add the deltas to those of their transaction. A deferred trigger sums them at commit and
+-- applies them, one row per key in byte order: a transaction locks counts rows only from its
+-- commit on, and every transaction locks them in the same order, so none waits on another in a
+-- cycle. A transaction that rolls back (and is retried) takes its deltas with it. A row whose
+-- counts all come back to zero is deleted.
+--
+-- The indexes that go with these reads (likes and reposts by subject_uri, follows by subject_did,
+-- posts by reply_parent_uri) are built CONCURRENTLY by shards/store/counts.py, which also fills
+-- the counts of records written before this migration, in batches (table stats_fill).
+
+CREATE TABLE post_stats (
+    uri     text PRIMARY KEY,
+    likes   bigint NOT NULL DEFAULT 0,
+    reposts bigint NOT NULL DEFAULT 0,
+    replies bigint NOT NULL DEFAULT 0
+);
+
+CREATE TABLE user_stats (
+    did       text PRIMARY KEY,
+    followers bigint NOT NULL DEFAULT 0,
+    follows   bigint NOT NULL DEFAULT 0,
+    posts     bigint NOT NULL DEFAULT 0
+);
+
+-- What is left of filling a counts table from the records: keys up to `after` (in the
+-- database's order of text) are exact; NULL is the start. `done` once every key is.
+CREATE TABLE stats_fill (
+    name  text PRIMARY KEY,
+    after text,
+    done  boolean NOT NULL DEFAULT false
+);
+
+-- One row for each transaction with deltas to apply: its deferred trigger applies them at commit.
+-- Unlogged: a row lives only inside its transaction.
+CREATE UNLOGGED TABLE stats_commit (xid xid8 PRIMARY KEY);
+
+-- Adds one statement's deltas, a JSON array of [key, count, count, count], to those of the open
+-- transaction. They are kept in a setting local to the transaction (pipeline_stats.posts or
+-- .users), which a rolled back savepoint or transaction takes back with it, and which costs no
+-- table: a temporary table would make every commit of the session empty its temporary tables.
+-- pipeline_stats.removed says some count may have come down to zero.
+CREATE FUNCTION stats_add(target text, deltas text, removed boolean) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF deltas IS NOT NULL THEN
+        PERFORM set_config('pipeline_stats.' || target,
+                           coalesce(current_setting('pipeline_stats.' || target, true), '')
+                           || deltas || E'\n', true);
+        IF removed THEN
+            PERFORM set_config('pipeline_stats.removed', 'on', true);
+        END IF;
+        INSERT INTO stats_commit VALUES (pg_current_xact_id()) ON CONFLICT DO NOTHING;
+    END IF;
+END $$;
+
+-- The deltas added so far to `target`, one row each (not summed).
+CREATE FUNCTION stats_deltas(target text) RETURNS TABLE (key text, a int, b int, c int)
+LANGUAGE sql STABLE AS $$
+    SELECT e->>0, (e->>1)::int, (e->>2)::int, (e->>3)::int
+    FROM string_to_table(current_setting('pipeline_stats.' || target, true), E'\n') AS s (part),
+         json_array_elements(s.part::json) AS e
+    WHERE s.part <> ''
+$$;
+
+-- At commit: the deltas summed per key and applied in byte order of the key, posts before
+-- users; then the rows whose counts came down to zero go (rows this transaction holds already).
+CREATE FUNCTION stats_apply() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM stats_commit WHERE xid = pg_current_xact_id();  -- later changes queue anew
+    INSERT INTO post_stats AS s (uri, likes, reposts, replies)
+    SELECT key COLLATE "C", sum(a), sum(b), sum(c) FROM stats_deltas('posts')
+    GROUP BY 1 HAVING sum(a) <> 0 OR sum(b) <> 0 OR sum(c) <> 0 ORDER BY 1
+    ON CONFLICT (uri) DO UPDATE SET likes = s.likes + EXCLUDED.likes,
+        reposts = s.reposts + EXCLUDED.reposts, replies = s.replies + EXCLUDED.replies;
+    INSERT INTO user_stats AS s (did, followers, follows, posts)
+    SELECT key COLLATE "C", sum(a), sum(b), sum(c) FROM stats_deltas('users')
+    GROUP BY 1 HAVING sum(a) <> 0 OR sum(b) <> 0 OR sum(c) <> 0 ORDER BY 1
+    ON CONFLICT (did) DO UPDATE SET followers = s.followers + EXCLUDED.followers,
+        follows = s.follows + EXCLUDED.follows, posts = s.posts + EXCLUDED.posts;
+    IF current_setting('pipeline_stats.removed', true) = 'on' THEN
+        DELETE FROM post_stats WHERE likes = 0 AND reposts = 0 AND replies = 0
+            AND uri = ANY(ARRAY(SELECT key FROM stats_deltas('posts') GROUP BY key
+                                HAVING sum(a) < 0 OR sum(b) < 0 OR sum(c) < 0));
+        DELETE FROM user_stats WHERE followers = 0 AND follows = 0 AND posts = 0
+            AND did = ANY(ARRAY(SELECT key FROM stats_deltas('users') GROUP BY key
+                                HAVING sum(a) < 0 OR sum(b) < 0 OR sum(c) < 0));
+    END IF;
+    PERFORM set_config('pipeline_stats.posts', '', true), set_config('pipeline_stats.users', '', true),
+            set_config('pipeline_stats.removed', '', true);
+    RETURN NULL;
+END $$;
+
+CREATE CONSTRAINT TRIGGER stats_apply AFTER INSERT ON stats_commit
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION stats_apply();
+
+-- One function a record table: -1 for each row a statement removed (deleted, or the old side
+-- of an update), +1 for each row it added (inserted, or the new side of an update).
+CREATE FUNCTION likes_stats() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP <> 'INSERT' THEN
+        PERFORM stats_add('posts', (SELECT json_agg(json_build_array(subject_uri, -1, 0, 0))::text
+                                    FROM old_rows WHERE subject_uri IS NOT NULL), true);
+    END IF;
+    IF TG_OP <> 'DELETE' THEN
+        PERFORM stats_add('posts', (SELECT json_agg(json_build_array(subject_uri, 1, 0, 0))::text
+                                    FROM new_rows WHERE subject_uri IS NOT NULL), false);
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE FUNCTION reposts_stats() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP <> 'INSERT' THEN
+        PERFORM stats_add('posts', (SELECT json_agg(json_build_array(subject_uri, 0, -1, 0))::text
+                                    FROM old_rows WHERE subject_uri IS NOT NULL), true);
+    END IF;
+    IF TG_OP <> 'DELETE' THEN
+        PERFORM stats_add('posts', (SELECT json_agg(json_build_array(subject_uri, 0, 1, 0))::text
+                                    FROM new_rows WHERE subject_uri IS NOT NULL), false);
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE FUNCTION posts_stats() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP <> 'INSERT' THEN
+        PERFORM stats_add('posts', (SELECT json_agg(json_build_array(reply_parent_uri, 0, 0, -1))::text
+                                    FROM old_rows WHERE reply_parent_uri IS NOT NULL), true);
+        PERFORM stats_add('users', (SELECT json_agg(json_build_array(author_did, 0, 0, -1))::text
+                                    FROM old_rows), true);
+    END IF;
+    IF TG_OP <> 'DELETE' THEN
+        PERFORM stats_add('posts', (SELECT json_agg(json_build_array(reply_parent_uri, 0, 0, 1))::text
+                                    FROM new_rows WHERE reply_parent_uri IS NOT NULL), false);
+        PERFORM stats_add('users', (SELECT json_agg(json_build_array(author_did, 0, 0, 1))::text
+                                    FROM new_rows), false);
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE FUNCTION follows_stats() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP <> 'INSERT' THEN
+        PERFORM stats_add('users', (SELECT json_agg(d)::text FROM (
+            SELECT json_build_array(subject_did, -1, 0, 0) FROM old_rows
+            WHERE subject_did IS NOT NULL
+            UNION ALL SELECT json_build_array(author_did, 0, -1, 0) FROM old_rows) AS t (d)), true);
+    END IF;
+    IF TG_OP <> 'DELETE' THEN
+        PERFORM stats_add('users', (SELECT json_agg(d)::text FROM (
+            SELECT json_build_array(subject_did, 1, 0, 0) FROM new_rows
+            WHERE subject_did IS NOT NULL
+            UNION ALL SELECT json_build_array(author_did, 0, 1, 0) FROM new_rows) AS t (d)), false);
+    END IF;
+    RETURN NULL;
+END $$;
+
+-- Transition tables allow one event a trigger: three triggers a table.
+CREATE TRIGGER likes_stats_insert AFTER INSERT ON likes REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION likes_stats();
+CREATE TRIGGER likes_stats_update AFTER UPDATE ON likes
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION likes_stats();
+CREATE TRIGGER likes_stats_delete AFTER DELETE ON likes REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION likes_stats();
+
+CREATE TRIGGER reposts_stats_insert AFTER INSERT ON reposts REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION reposts_stats();
+CREATE TRIGGER reposts_stats_update AFTER UPDATE ON reposts
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION reposts_stats();
+CREATE TRIGGER reposts_stats_delete AFTER DELETE ON reposts REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION reposts_stats();
+
+CREATE TRIGGER posts_stats_insert AFTER INSERT ON posts REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION posts_stats();
+CREATE TRIGGER posts_stats_update AFTER UPDATE ON posts
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION posts_stats();
+CREATE TRIGGER posts_stats_delete AFTER DELETE ON posts REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION posts_stats();
+
+CREATE TRIGGER follows_stats_insert AFTER INSERT ON follows REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION follows_stats();
+CREATE TRIGGER follows_stats_update AFTER UPDATE ON follows
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION follows_stats();
+CREATE TRIGGER follows_stats_delete AFTER DELETE ON follows REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION follows_stats();
+
+-- Records already there are counted by the fill. Nothing can slip in unseen: the triggers above
+-- hold their tables against writes until this commits.
+INSERT INTO stats_fill (name, done)
+SELECT name, NOT (EXISTS (SELECT 1 FROM likes) OR EXISTS (SELECT 1 FROM reposts)
+                  OR EXISTS (SELECT 1 FROM posts) OR EXISTS (SELECT 1 FROM follows))
+FROM (VALUES ('post_stats'), ('user_stats')) AS t (name);
