@@ -18,14 +18,14 @@ CREATE TABLE post_stats (
     likes   bigint NOT NULL DEFAULT 0,
     reposts bigint NOT NULL DEFAULT 0,
     replies bigint NOT NULL DEFAULT 0
-);
+) WITH (fillfactor = 90);  -- room on the page: an increment is a HOT update, no index entry
 
 CREATE TABLE user_stats (
     did       text PRIMARY KEY,
     followers bigint NOT NULL DEFAULT 0,
     follows   bigint NOT NULL DEFAULT 0,
     posts     bigint NOT NULL DEFAULT 0
-);
+) WITH (fillfactor = 90);
 
 -- What is left of filling a counts table from the records: keys up to `after` (in the
 -- database's order of text) are exact; NULL is the start. `done` once every key is.
@@ -39,37 +39,53 @@ CREATE TABLE stats_fill (
 -- Unlogged: a row lives only inside its transaction.
 CREATE UNLOGGED TABLE stats_commit (xid xid8 PRIMARY KEY);
 
--- Adds one statement's deltas, a JSON array of [key, count, count, count], to those of the open
--- transaction. They are kept in a setting local to the transaction (pipeline_stats.posts or
--- .users), which a rolled back savepoint or transaction takes back with it, and which costs no
--- table: a temporary table would make every commit of the session empty its temporary tables.
--- pipeline_stats.removed says some count may have come down to zero.
-CREATE FUNCTION stats_add(target text, deltas text, removed boolean) RETURNS void
-LANGUAGE plpgsql AS $$
+-- Adds one statement's deltas to those of the open transaction: `keys` (a text[] literal) each
+-- move column `code` of `target` by one, up for a positive code, down for a negative one
+-- (posts: 1 likes, 2 reposts, 3 replies; users: 1 followers, 2 follows, 3 posts). They are kept
+-- in settings local to the transaction, the elements of a text[] and of an int[] side by side
+-- (pipeline_stats.posts_keys and .posts_codes, .users_keys and .users_codes; the keys of
+-- negative codes again in .posts_removed and .users_removed): a rolled back savepoint or
+-- transaction takes them back with it, and they cost no table (a temporary table would make
+-- every commit of the session empty the session's temporary tables).
+-- The functions plan as PostgreSQL does by default: the pool's sessions plan every statement
+-- anew (plan_cache_mode = force_custom_plan), which would plan these at every call.
+CREATE FUNCTION stats_add(target text, code int, keys text, n bigint) RETURNS void
+LANGUAGE plpgsql SET plan_cache_mode = auto AS $$
+DECLARE
+    name text := 'pipeline_stats.' || target;
+    was text := nullif(current_setting(name || '_keys', true), '');
 BEGIN
-    IF deltas IS NOT NULL THEN
-        PERFORM set_config('pipeline_stats.' || target,
-                           coalesce(current_setting('pipeline_stats.' || target, true), '')
-                           || deltas || E'\n', true);
-        IF removed THEN
-            PERFORM set_config('pipeline_stats.removed', 'on', true);
-        END IF;
+    IF keys IS NULL THEN
+        RETURN;
+    END IF;
+    PERFORM set_config(name || '_keys', concat_ws(',', was, substr(keys, 2, length(keys) - 2)),
+                       true),
+            set_config(name || '_codes',
+                       concat_ws(',', nullif(current_setting(name || '_codes', true), ''),
+                                 rtrim(repeat(code || ',', n::int), ',')), true);
+    IF code < 0 THEN
+        PERFORM set_config(name || '_removed',
+                           concat_ws(',', nullif(current_setting(name || '_removed', true), ''),
+                                     substr(keys, 2, length(keys) - 2)), true);
+    END IF;
+    IF was IS NULL THEN
         INSERT INTO stats_commit VALUES (pg_current_xact_id()) ON CONFLICT DO NOTHING;
     END IF;
 END $$;
 
--- The deltas added so far to `target`, one row each (not summed).
+-- The deltas added so far to `target`, one row each (not summed) as (key, a, b, c).
 CREATE FUNCTION stats_deltas(target text) RETURNS TABLE (key text, a int, b int, c int)
 LANGUAGE sql STABLE AS $$
-    SELECT e->>0, (e->>1)::int, (e->>2)::int, (e->>3)::int
-    FROM string_to_table(current_setting('pipeline_stats.' || target, true), E'\n') AS s (part),
-         json_array_elements(s.part::json) AS e
-    WHERE s.part <> ''
+    SELECT k, (abs(d) = 1)::int * sign(d)::int, (abs(d) = 2)::int * sign(d)::int,
+           (abs(d) = 3)::int * sign(d)::int
+    FROM unnest(('{' || current_setting('pipeline_stats.' || target || '_keys', true) || '}')::text[],
+                ('{' || current_setting('pipeline_stats.' || target || '_codes', true) || '}')::int[])
+         AS t (k, d)
 $$;
 
 -- At commit: the deltas summed per key and applied in byte order of the key, posts before
 -- users; then the rows whose counts came down to zero go (rows this transaction holds already).
-CREATE FUNCTION stats_apply() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION stats_apply() RETURNS trigger LANGUAGE plpgsql SET plan_cache_mode = auto AS $$
 BEGIN
     DELETE FROM stats_commit WHERE xid = pg_current_xact_id();  -- later changes queue anew
     INSERT INTO post_stats AS s (uri, likes, reposts, replies)
@@ -82,80 +98,79 @@ BEGIN
     GROUP BY 1 HAVING sum(a) <> 0 OR sum(b) <> 0 OR sum(c) <> 0 ORDER BY 1
     ON CONFLICT (did) DO UPDATE SET followers = s.followers + EXCLUDED.followers,
         follows = s.follows + EXCLUDED.follows, posts = s.posts + EXCLUDED.posts;
-    IF current_setting('pipeline_stats.removed', true) = 'on' THEN
-        DELETE FROM post_stats WHERE likes = 0 AND reposts = 0 AND replies = 0
-            AND uri = ANY(ARRAY(SELECT key FROM stats_deltas('posts') GROUP BY key
-                                HAVING sum(a) < 0 OR sum(b) < 0 OR sum(c) < 0));
-        DELETE FROM user_stats WHERE followers = 0 AND follows = 0 AND posts = 0
-            AND did = ANY(ARRAY(SELECT key FROM stats_deltas('users') GROUP BY key
-                                HAVING sum(a) < 0 OR sum(b) < 0 OR sum(c) < 0));
-    END IF;
-    PERFORM set_config('pipeline_stats.posts', '', true), set_config('pipeline_stats.users', '', true),
-            set_config('pipeline_stats.removed', '', true);
+    -- Only rows this transaction wrote (and so holds): no lock out of order.
+    DELETE FROM post_stats WHERE likes = 0 AND reposts = 0 AND replies = 0
+        AND xmin = pg_current_xact_id()::xid AND uri = ANY(
+            ('{' || current_setting('pipeline_stats.posts_removed', true) || '}')::text[]);
+    DELETE FROM user_stats WHERE followers = 0 AND follows = 0 AND posts = 0
+        AND xmin = pg_current_xact_id()::xid AND did = ANY(
+            ('{' || current_setting('pipeline_stats.users_removed', true) || '}')::text[]);
+    PERFORM set_config('pipeline_stats.posts_keys', '', true),
+            set_config('pipeline_stats.posts_codes', '', true),
+            set_config('pipeline_stats.users_keys', '', true),
+            set_config('pipeline_stats.users_codes', '', true),
+            set_config('pipeline_stats.posts_removed', '', true),
+            set_config('pipeline_stats.users_removed', '', true);
     RETURN NULL;
 END $$;
 
 CREATE CONSTRAINT TRIGGER stats_apply AFTER INSERT ON stats_commit
     DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION stats_apply();
 
--- One function a record table: -1 for each row a statement removed (deleted, or the old side
--- of an update), +1 for each row it added (inserted, or the new side of an update).
-CREATE FUNCTION likes_stats() RETURNS trigger LANGUAGE plpgsql AS $$
+-- One function a record table: for each row a statement removed (deleted, or the old side of an
+-- update) its keys go down by one, for each row it added (inserted, or the new side) up by one.
+CREATE FUNCTION likes_stats() RETURNS trigger LANGUAGE plpgsql SET plan_cache_mode = auto AS $$
 BEGIN
     IF TG_OP <> 'INSERT' THEN
-        PERFORM stats_add('posts', (SELECT json_agg(json_build_array(subject_uri, -1, 0, 0))::text
-                                    FROM old_rows WHERE subject_uri IS NOT NULL), true);
+        PERFORM stats_add('posts', -1, array_agg(subject_uri)::text, count(*))
+        FROM old_rows WHERE subject_uri IS NOT NULL;
     END IF;
     IF TG_OP <> 'DELETE' THEN
-        PERFORM stats_add('posts', (SELECT json_agg(json_build_array(subject_uri, 1, 0, 0))::text
-                                    FROM new_rows WHERE subject_uri IS NOT NULL), false);
+        PERFORM stats_add('posts', 1, array_agg(subject_uri)::text, count(*))
+        FROM new_rows WHERE subject_uri IS NOT NULL;
     END IF;
     RETURN NULL;
 END $$;
 
-CREATE FUNCTION reposts_stats() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION reposts_stats() RETURNS trigger LANGUAGE plpgsql SET plan_cache_mode = auto AS $$
 BEGIN
     IF TG_OP <> 'INSERT' THEN
-        PERFORM stats_add('posts', (SELECT json_agg(json_build_array(subject_uri, 0, -1, 0))::text
-                                    FROM old_rows WHERE subject_uri IS NOT NULL), true);
+        PERFORM stats_add('posts', -2, array_agg(subject_uri)::text, count(*))
+        FROM old_rows WHERE subject_uri IS NOT NULL;
     END IF;
     IF TG_OP <> 'DELETE' THEN
-        PERFORM stats_add('posts', (SELECT json_agg(json_build_array(subject_uri, 0, 1, 0))::text
-                                    FROM new_rows WHERE subject_uri IS NOT NULL), false);
+        PERFORM stats_add('posts', 2, array_agg(subject_uri)::text, count(*))
+        FROM new_rows WHERE subject_uri IS NOT NULL;
     END IF;
     RETURN NULL;
 END $$;
 
-CREATE FUNCTION posts_stats() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION posts_stats() RETURNS trigger LANGUAGE plpgsql SET plan_cache_mode = auto AS $$
 BEGIN
     IF TG_OP <> 'INSERT' THEN
-        PERFORM stats_add('posts', (SELECT json_agg(json_build_array(reply_parent_uri, 0, 0, -1))::text
-                                    FROM old_rows WHERE reply_parent_uri IS NOT NULL), true);
-        PERFORM stats_add('users', (SELECT json_agg(json_build_array(author_did, 0, 0, -1))::text
-                                    FROM old_rows), true);
+        PERFORM stats_add('posts', -3, array_agg(reply_parent_uri)::text, count(*))
+        FROM old_rows WHERE reply_parent_uri IS NOT NULL;
+        PERFORM stats_add('users', -3, array_agg(author_did)::text, count(*)) FROM old_rows;
     END IF;
     IF TG_OP <> 'DELETE' THEN
-        PERFORM stats_add('posts', (SELECT json_agg(json_build_array(reply_parent_uri, 0, 0, 1))::text
-                                    FROM new_rows WHERE reply_parent_uri IS NOT NULL), false);
-        PERFORM stats_add('users', (SELECT json_agg(json_build_array(author_did, 0, 0, 1))::text
-                                    FROM new_rows), false);
+        PERFORM stats_add('posts', 3, array_agg(reply_parent_uri)::text, count(*))
+        FROM new_rows WHERE reply_parent_uri IS NOT NULL;
+        PERFORM stats_add('users', 3, array_agg(author_did)::text, count(*)) FROM new_rows;
     END IF;
     RETURN NULL;
 END $$;
 
-CREATE FUNCTION follows_stats() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION follows_stats() RETURNS trigger LANGUAGE plpgsql SET plan_cache_mode = auto AS $$
 BEGIN
     IF TG_OP <> 'INSERT' THEN
-        PERFORM stats_add('users', (SELECT json_agg(d)::text FROM (
-            SELECT json_build_array(subject_did, -1, 0, 0) FROM old_rows
-            WHERE subject_did IS NOT NULL
-            UNION ALL SELECT json_build_array(author_did, 0, -1, 0) FROM old_rows) AS t (d)), true);
+        PERFORM stats_add('users', -1, array_agg(subject_did)::text, count(*))
+        FROM old_rows WHERE subject_did IS NOT NULL;
+        PERFORM stats_add('users', -2, array_agg(author_did)::text, count(*)) FROM old_rows;
     END IF;
     IF TG_OP <> 'DELETE' THEN
-        PERFORM stats_add('users', (SELECT json_agg(d)::text FROM (
-            SELECT json_build_array(subject_did, 1, 0, 0) FROM new_rows
-            WHERE subject_did IS NOT NULL
-            UNION ALL SELECT json_build_array(author_did, 0, 1, 0) FROM new_rows) AS t (d)), false);
+        PERFORM stats_add('users', 1, array_agg(subject_did)::text, count(*))
+        FROM new_rows WHERE subject_did IS NOT NULL;
+        PERFORM stats_add('users', 2, array_agg(author_did)::text, count(*)) FROM new_rows;
     END IF;
     RETURN NULL;
 END $$;
