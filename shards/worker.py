@@ -24,7 +24,8 @@ from shards.events import BadEvent, Event, decode
 from shards.identity import IdentityConfig, build_directory
 from shards.refresher import Refresher
 from shards.stats import ShardStats
-from shards.store.pool import open_pool
+from shards.store.fence import Fence
+from shards.store.pool import RETRYABLE, open_pool
 from shards.store.writes import Changes, Writer, existing_users
 from shards.users import UserCreations
 
@@ -53,6 +54,11 @@ class WorkerConfig:
     refresh_interval: float = 30.0
     end_wait: float = 1.0  # once the source has ended, the longest a new author is waited for
     known_capacity: int = 1_000_000
+    # Redis workers: the epoch this worker took the shard over with, checked by every write
+    # transaction, and the lease after which the server ends a transaction left idle. Local
+    # workers are restarted only once seen dead, so they have neither.
+    epoch: int | None = None
+    lease: float | None = None
     log_level: str = "WARNING"
     log_format: str = "text"
 
@@ -112,14 +118,15 @@ class ShardWorker:
         self.conn = conn
         self.stats = ShardStats(config.shard)
         name = f"pipeline-shard-{config.shard}"
-        self.pool = open_pool(config.dsn, config.pool_size, name)
+        self.pool = open_pool(config.dsn, config.pool_size, name, idle_in_transaction=config.lease)
         self.directory = build_directory(config.identity)
+        fence = None if config.epoch is None else Fence(config.shard, config.epoch)
         self.refresher = Refresher(self.pool, self.directory, config.shard, config.shards,
-                                   interval=config.refresh_interval)
+                                   interval=config.refresh_interval, fence=fence)
         self.users = UserCreations(self.directory, config.slots, config.resolve_timeout,
                                    wake=None, late=self.refresher.offer)
         self.known = KnownDIDs(config.known_capacity)
-        self.writer = Writer()
+        self.writer = Writer(fence)
         self.batches: dict[int, list[float]] = {}  # batch id -> [read time, events not yet committed]
         self.stopping = False
 
@@ -130,6 +137,8 @@ class ShardWorker:
         last_stats = time.monotonic()
         txn = OpenWrite()
         while not (self.stopping and not self.users.pending and not txn.changes):
+            if self.refresher.fenced is not None:
+                raise self.refresher.fenced
             now = time.monotonic()
             timeout = 0.5
             deadline = self.users.next_deadline()
@@ -226,7 +235,7 @@ class ShardWorker:
             try:
                 with self.pool.connection() as conn:
                     return existing_users(conn, dids)
-            except psycopg.OperationalError as exc:
+            except RETRYABLE as exc:
                 self._backoff(attempt, exc)
         raise AssertionError("unreachable")
 
@@ -246,7 +255,7 @@ class ShardWorker:
                 with self.pool.connection() as conn:
                     self.writer.write(conn, changes)
                 break
-            except psycopg.OperationalError as exc:
+            except RETRYABLE as exc:
                 self._backoff(attempt, exc)
                 attempt += 1
             except psycopg.Error as exc:
@@ -275,7 +284,7 @@ class ShardWorker:
                 single.add(ev)
                 try:
                     self.writer.write(conn, single)
-                except psycopg.OperationalError:
+                except RETRYABLE:
                     raise
                 except psycopg.Error as exc:
                     reason = f"rejected by database: {str(exc).strip().splitlines()[0]}"
