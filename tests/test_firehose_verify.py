@@ -270,6 +270,18 @@ def test_malformed_ops_are_bad_frames(ops: list[Any], reason: str) -> None:
         read_commit({**first_create(), "ops": ops})
 
 
+def test_a_record_nested_too_deep_for_python_is_a_bad_frame() -> None:
+    body = first_create()
+    blocks = blocks_of(body)
+    deep: Any = "x"
+    for _ in range(900):  # within what libipld decodes, beyond what converts without recursing
+        deep = [deep]
+    record = {"$type": "app.bsky.feed.like", "x": deep}
+    blocks[cid_for(record)] = libipld.encode_dag_cbor(record)
+    with pytest.raises(BadFrame, match="^record nested too deep$"):
+        read_commit(with_blocks(body, blocks, ops=[{**body["ops"][0], "cid": cid_for(record)}]))
+
+
 def test_a_car_that_is_not_one_is_refused() -> None:
     err = refused({**first_create(), "blocks": b"\x0a not a car"})
     assert err.check == "car"
@@ -326,6 +338,26 @@ def test_a_forged_repository_is_refused_whole() -> None:
     with pytest.raises(VerificationError) as err:
         read_repo(encode_car(header["roots"], encoded.items()), REPO_DID, key)
     assert err.value.check == "record hash"
+
+
+def test_a_repository_missing_a_record_or_with_a_tree_node_changed_is_refused() -> None:
+    header, blocks = libipld.decode_car(repo_car())
+    encoded = {cid: libipld.encode_dag_cbor(v) for cid, v in blocks.items()}
+    key = recovered_keys(repo_car())[0]
+    without = {cid: data for cid, data in encoded.items()
+               if cid != cid_bytes(goat_listing()[5][1])}
+    with pytest.raises(VerificationError) as err:
+        read_repo(encode_car(header["roots"], without.items()), REPO_DID, key)
+    assert (err.value.check, err.value.detail) == (
+        "record hash", f"the record of {goat_listing()[5][0]} is missing from the CAR")
+    # a record left out of the collections read may be missing: it is not written
+    read_repo(encode_car(header["roots"], without.items()), REPO_DID, key,
+              {"app.bsky.actor.profile"})
+    node = next(cid for cid, data in encoded.items()
+                if data.startswith(b"\xa2ae") and b"app.bsky.feed.like/" in data)
+    encoded[node] = encoded[node].replace(b"app.bsky.feed.like/", b"app.bsky.feed.lik3/", 1)
+    with pytest.raises(VerificationError, match="^tree: "):
+        read_repo(encode_car(header["roots"], encoded.items()), REPO_DID, key)
 
 
 def test_a_repository_of_another_did_or_key_is_refused() -> None:

@@ -46,7 +46,8 @@ def _decode(raw: bytes) -> list[Any]:
         message = str(exc)
         if "end of data" in message or "exceeds remaining data" in message:
             raise BadFrame("truncated frame") from None
-        raise BadFrame(f"not CBOR: {message.removeprefix('Failed to decode DAG-CBOR. ')}") from None
+        detail = message.removeprefix("Failed to decode DAG-CBOR. ")[:120]
+        raise BadFrame(f"not CBOR: {detail}") from None
 
 
 def check_body(kind: str, body: dict[str, Any]) -> None:

@@ -50,18 +50,26 @@ def _node(blocks: Blocks, cid: bytes) -> tuple[bytes | None, list[Entry]]:
 def get(blocks: Blocks, root: bytes, key: bytes) -> bytes | None:
     """The value CID under `key`, or None when the tree proves it absent.
 
-    Reads only the nodes along the key's path; raises VerificationError("tree") when one of them
-    is missing or malformed (the blocks must have been checked against their CIDs)."""
-    cid: bytes | None = root
-    while cid is not None:
-        subtree, entries = _node(blocks, cid)
-        for entry_key, value, right in entries:
-            if key == entry_key:
-                return value
-            if key < entry_key:
-                break
-            subtree = right
-        cid = subtree
+    Reads only the nodes along the key's path, each only up to the key, since it runs for every
+    op of every commit; raises VerificationError("tree") when a node is missing or malformed.
+    The blocks must have been checked against their CIDs."""
+    cid: Any = root
+    try:
+        while cid is not None:
+            node = blocks.get(cid)
+            if node is None:
+                raise VerificationError("tree", "a tree node on the path is missing from the CAR")
+            cid = node["l"]
+            entry_key = b""
+            for entry in node["e"]:
+                entry_key = entry_key[:entry["p"]] + entry["k"]
+                if key <= entry_key:
+                    if key == entry_key:
+                        return entry["v"]
+                    break
+                cid = entry["t"]
+    except (KeyError, TypeError):
+        raise VerificationError("tree", "malformed tree node") from None
     return None
 
 

@@ -106,7 +106,7 @@ def _signed_commit(blocks: Blocks, cid: bytes, did: str, rev: str | None,
     if signed["did"] != did:
         raise VerificationError("repo", f"the commit is signed for {signed['did'][:200]}")
     if not is_tid(signed.get("rev")) or (rev is not None and signed["rev"] != rev):
-        raise VerificationError("repo", "the commit's rev is not the frame's")
+        raise VerificationError("repo", "the commit's rev is invalid or not the frame's")
     return signed
 
 
@@ -141,7 +141,10 @@ def read_commit(body: dict[str, Any]) -> Commit:
                                     f"the record of {op.path} is missing from the CAR")
         if not isinstance(record, dict):
             raise BadFrame("record is not an object")
-        op.cid, op.record = cid_str(op._cid), to_json(record)
+        try:
+            op.cid, op.record = cid_str(op._cid), to_json(record)
+        except RecursionError:
+            raise BadFrame("record nested too deep") from None
     return Commit(did, rev, since, cid_str(commit_cid), False, ops, cid_str(signed["data"]),
                   blocks, signed)
 
@@ -153,7 +156,8 @@ def read_sync(body: dict[str, Any]) -> Commit:
     roots, blocks = read_car(body["blocks"])
     if not roots:
         raise VerificationError("car", "the CAR has no root")
-    signed = _signed_commit(blocks, roots[0], body["did"], body["rev"])
+    check_blocks(blocks, {roots[0]: "commit hash"}, "car")
+    signed = _signed_commit(blocks, roots[0], body["did"], body["rev"], hashed=True)
     return Commit(body["did"], body["rev"], None, cid_str(roots[0]), False, [],
                   cid_str(signed["data"]), blocks, signed)
 
@@ -206,9 +210,14 @@ def read_repo(car: bytes, did: str, key: SigningKey,
         if collections is not None and parts[0] not in collections:
             continue
         record = blocks.get(cid)
+        if record is None:
+            raise VerificationError("record hash", f"the record of {path.decode()} is missing "
+                                                   "from the CAR")
         if not isinstance(record, dict):
-            raise VerificationError(
-                "car", f"the record of {parts[0]}/{parts[1]} is missing or not a map")
-        records.append((parts[0], parts[1], cid_str(cid), to_json(record)))
+            raise VerificationError("car", f"{path.decode()} is not a record")
+        try:
+            records.append((parts[0], parts[1], cid_str(cid), to_json(record)))
+        except RecursionError:
+            raise VerificationError("car", f"{path.decode()} is nested too deep") from None
     check_blocks(blocks, roles, "tree")
     return Repo(did, signed["rev"], cid_str(signed["data"]), cid_str(roots[0]), records)
