@@ -32,6 +32,8 @@ class SigningKey:
     data, low-S only (a high-S or DER signature is refused, as the atproto spec requires)."""
 
     __slots__ = ("curve", "compressed", "_k256", "_p256")
+    curve: str  # K256 or P256
+    compressed: bytes  # the 33-byte SEC1 compressed point
 
     def __init__(self, curve: str, key: bytes) -> None:
         """`key` compressed (33 bytes) or uncompressed (65); raises VerificationError("key")."""
@@ -62,9 +64,8 @@ class SigningKey:
                 return self._k256.verify(cdata_to_der(deserialize_compact(sig)), data)
             except ValueError:
                 return False
-        assert self._p256 is not None
         r, s = int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big")
-        if not (0 < r < _P256_ORDER and 0 < s <= _P256_ORDER // 2):
+        if self._p256 is None or not (0 < r < _P256_ORDER and 0 < s <= _P256_ORDER // 2):
             return False
         try:
             self._p256.verify(encode_dss_signature(r, s), data, _ECDSA_SHA256)
