@@ -130,7 +130,8 @@ class HttpFetcher:
         self._dns = dns
         self._clock = clock
         self._lock = threading.Lock()
-        self._vetted: dict[tuple[str, Trust], tuple[float, str]] = {}  # -> (expires, address)
+        # (host, named by the operator) -> (expires, address)
+        self._vetted: dict[tuple[str, bool], tuple[float, str]] = {}
         self._idle: dict[tuple[str, str, int, str], list[_Connection]] = {}
         self._idle_pid = os.getpid()
         self._tls: ssl.SSLContext | None = None
@@ -148,15 +149,17 @@ class HttpFetcher:
         Raises AddressRefused, HostNotFound (the name does not exist), ResponseTooLarge or
         ResolutionFailed (DNS, transport, timeout, too many redirects)."""
         deadline = time.monotonic() + self._config.total_timeout
-        trusted = _origin(url) if trust is Trust.OPERATOR else None
+        first = url
         for _ in range(self._config.max_redirects + 1):
             if time.monotonic() > deadline:
                 raise ResolutionFailed(f"GET {url}: out of time", upstream=urlsplit(url).netloc)
-            hop = Trust.NETWORK if trusted is None or _origin(url) != trusted else Trust.OPERATOR
-            fetched, location = self._get_once(url, max_bytes, accept, deadline, hop)
+            fetched, location = self._get_once(url, max_bytes, accept, deadline,
+                                               trust is Trust.OPERATOR)
             if location is None:
                 return fetched
             url = self._next_url(url, location)
+            if trust is Trust.OPERATOR and _origin(url) != _origin(first):
+                trust = Trust.NETWORK  # redirected elsewhere: data, no longer the operator's
         raise ResolutionFailed(f"more than {self._config.max_redirects} redirects from {url}",
                                upstream=urlsplit(url).netloc)
 
@@ -170,17 +173,17 @@ class HttpFetcher:
         return target
 
     # -- addresses ------------------------------------------------------------------------
-    def _vetted_address(self, host: str, trust: Trust) -> str:
+    def _vetted_address(self, host: str, operator: bool) -> str:
         """The address to connect to for `host`: vetted now (unless the operator named it), or
         within its TTL. Operator-named hosts are remembered apart: never vetted, they vouch for
         nothing the network names."""
         now = self._clock()
-        key = (host, trust)
+        key = (host, operator)
         entry = self._vetted.get(key)  # a plain read: dict lookups are atomic
         if entry is not None and entry[0] > now:
             return entry[1]
         addresses = self._dns.addresses(host)
-        if trust is not Trust.OPERATOR and not self._config.allow_private_addresses:
+        if not operator and not self._config.allow_private_addresses:
             for candidate in addresses:
                 kind = address_kind(candidate)
                 if kind != PUBLIC:
@@ -199,8 +202,8 @@ class HttpFetcher:
     def forget(self, host: str) -> None:
         """Drops the vetted address of `host`: the next fetch looks it up and vets it again."""
         with self._lock:
-            for trust in Trust:
-                self._vetted.pop((host, trust), None)
+            for operator in (False, True):
+                self._vetted.pop((host, operator), None)
 
     # -- connections ----------------------------------------------------------------------
     def _checkout(self, key: tuple[str, str, int, str]) -> _Connection | None:
@@ -242,7 +245,7 @@ class HttpFetcher:
 
     # -- one request ----------------------------------------------------------------------
     def _get_once(
-        self, url: str, max_bytes: int, accept: str, deadline: float, trust: Trust
+        self, url: str, max_bytes: int, accept: str, deadline: float, operator: bool
     ) -> tuple[Fetched, str | None]:
         parts = urlsplit(url)
         name = parts.hostname
@@ -258,7 +261,7 @@ class HttpFetcher:
             target += f"?{parts.query}"
         if _UNSAFE.search(target) or _UNSAFE.search(parts.netloc):
             raise ResolutionFailed(f"unsupported URL {url!r}")
-        address = self._vetted_address(name, trust)
+        address = self._vetted_address(name, operator)
         request = (f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\n"  # the name, not the address
                    f"Accept: {accept}\r\nAccept-Encoding: identity\r\n"
                    f"User-Agent: {self._user_agent}\r\n\r\n").encode()
