@@ -32,7 +32,7 @@ from pipeline.options import (
 )
 
 RECORD_TABLES = ("posts", "likes", "reposts", "follows", "blocks", "records")
-NO_REASON = "no reason recorded"  # an identity event asked for a new resolution, or an old row
+NO_REASON = "no reason recorded"  # users written before the reasons were
 RAW_PREVIEW_CHARS = 80
 _FINGERPRINT_BYTES = 64 * 1024  # what FileSource hashes into a replay cursor's name
 

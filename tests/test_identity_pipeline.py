@@ -57,7 +57,8 @@ def test_account_and_identity_events(dsn: str, tmp_path: Path) -> None:
         assert query(dsn, "SELECT active, status FROM users WHERE did = %s", (a,)) == [
             (False, "deactivated")]
         # The identity event asks for a fresh resolution: the user is due for the refresher.
-        assert query(dsn, "SELECT incomplete FROM users WHERE did = %s", (b,)) == [(True,)]
+        assert query(dsn, "SELECT incomplete, resolve_error FROM users WHERE did = %s", (b,)) == [
+            (True, "identity event: to be resolved again")]
         refresh = run_pipeline("refresh-users", "--dsn", dsn, *identity_args(*net))
         assert refresh.returncode == 0, refresh.stderr
     assert query(dsn, "SELECT handle, incomplete FROM users WHERE did = %s", (b,)) == [

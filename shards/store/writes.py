@@ -243,7 +243,8 @@ def _apply_rest(cur: psycopg.Cursor, changes: Changes) -> None:
         )
     if changes.identities:
         cur.execute(
-            "UPDATE users SET incomplete = true, refresh_after = now(), refresh_attempts = 0"
+            "UPDATE users SET incomplete = true, refresh_after = now(), refresh_attempts = 0,"
+            " resolve_error = coalesce(resolve_error, 'identity event: to be resolved again')"
             " WHERE did = ANY(%s)",
             (list(changes.identities),),
         )
