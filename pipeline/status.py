@@ -32,6 +32,7 @@ from pipeline.options import (
 )
 
 RECORD_TABLES = ("posts", "likes", "reposts", "follows", "blocks", "records")
+NO_REASON = "no reason recorded"  # users written before the reasons were
 RAW_PREVIEW_CHARS = 80
 _FINGERPRINT_BYTES = 64 * 1024  # what FileSource hashes into a replay cursor's name
 
@@ -72,6 +73,7 @@ class Status:
     cursors: list[CursorInfo]
     incomplete_users: int
     incomplete_due: int
+    incomplete_reasons: dict[str, int]  # by the reason of each one's last failed resolution
     dead_letters: dict[str, int]
     dead_letters_total: int
     shards: list[ShardInfo]
@@ -79,7 +81,8 @@ class Status:
     def as_dict(self) -> dict[str, Any]:
         return {
             "cursors": [asdict(c) for c in self.cursors],
-            "incomplete_users": {"total": self.incomplete_users, "due": self.incomplete_due},
+            "incomplete_users": {"total": self.incomplete_users, "due": self.incomplete_due,
+                                 "by_reason": self.incomplete_reasons},
             "dead_letters": {"total": self.dead_letters_total, "by_reason": self.dead_letters},
             "shards": [{"shard": s.shard, "users": s.users, **s.tables, "total": s.total,
                         "epoch": s.epoch} for s in self.shards],
@@ -136,6 +139,11 @@ def collect(conn: psycopg.Connection, shards: int) -> Status:
         incomplete, due = conn.execute(
             "SELECT count(*), count(*) FILTER (WHERE refresh_after <= now())"
             " FROM users WHERE incomplete").fetchone()
+        why: dict[str, int] = {}
+        for reason, n in conn.execute(
+                "SELECT split_part(resolve_error, ':', 1) AS reason, count(*) FROM users"
+                " WHERE incomplete GROUP BY reason ORDER BY count(*) DESC, reason"):
+            why[reason or NO_REASON] = n
         reasons: dict[str, int] = {}
         for reason, n in conn.execute(
                 "SELECT split_part(error, ':', 1) AS reason, count(*) FROM dead_letters"
@@ -156,7 +164,7 @@ def collect(conn: psycopg.Connection, shards: int) -> Status:
         for k, epoch in conn.execute("SELECT shard, epoch FROM shard_epochs"):
             if k in by_shard:
                 by_shard[k].epoch = epoch
-    return Status(cursors, incomplete, due, reasons, sum(reasons.values()),
+    return Status(cursors, incomplete, due, why, reasons, sum(reasons.values()),
                   [by_shard[k] for k in range(shards)])
 
 
@@ -203,8 +211,10 @@ def render(status: Status) -> str:
         out += ["  " + s for s in _table(["name", "value", "updated", "progress"], rows, {1})]
     else:
         out.append("  (none)")
-    out += ["", f"incomplete users  {status.incomplete_users} ({status.incomplete_due} due for refresh)",
-            "", f"dead letters      {status.dead_letters_total}"]
+    out += ["", f"incomplete users  {status.incomplete_users}"
+                f" ({status.incomplete_due} due for refresh)"]
+    out += [f"  {n:>8}  {reason}" for reason, n in status.incomplete_reasons.items()]
+    out += ["", f"dead letters      {status.dead_letters_total}"]
     for reason, n in status.dead_letters.items():
         out.append(f"  {n:>8}  {reason}")
     header = ["shard", "users", *RECORD_TABLES, "total"]
@@ -230,8 +240,8 @@ def render(status: Status) -> str:
 @database_options
 @common_options
 def status(shards: int, as_json: bool, dsn: str | None, data_dir: str, log_level: str) -> None:
-    """Cursors and lag, incomplete users, dead letters by reason, rows per shard (and the epoch
-    of each shard a Redis worker took over)."""
+    """Cursors and lag, incomplete users and dead letters by reason, rows per shard (and the
+    epoch of each shard a Redis worker took over)."""
     setup_logging(log_level)
     dsn = resolve_dsn(dsn, data_dir)
     conn = open_database(dsn)
