@@ -42,7 +42,8 @@ CURSOR_EVERY = 1.0
 READY_TIMEOUT = 60.0
 # multiprocessing's exit code for a worker whose fork server, which reports exit codes, is gone
 FORK_SERVER_GONE = 255
-LEFT_TO_NEXT_RUN = "its %d events not yet committed are left to the next run, which resumes before them"
+LEFT_TO_NEXT_RUN = ("its %d events not yet committed are left to the next run, which resumes"
+                    " before them")
 
 
 @dataclass(frozen=True)
@@ -593,14 +594,14 @@ def describe_exit(code: int | None) -> str:
     """A worker's exit code in words, for the log."""
     if code is None:
         return "exit code unknown"
-    if code < 0:
-        return f"killed by {signal.Signals(-code).name}"
-    if code == FORK_SERVER_GONE:
-        return f"exit code {code}: its fork server is gone"
     try:
+        if code < 0:
+            return f"killed by {signal.Signals(-code).name}"
+        if code == FORK_SERVER_GONE:
+            return f"exit code {code}: its fork server is gone"
         return f"exit code {code}: {WorkerExit(code).name.lower()}"
-    except ValueError:
-        return f"exit code {code}"
+    except ValueError:  # a number no name is known for
+        return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
 
 
 def _did_of(raw: bytes) -> bytes:

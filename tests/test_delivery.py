@@ -209,7 +209,9 @@ def test_worker_dying_while_stopping_is_not_restarted(dsn: str, replay_file: Pat
         out = proc.stdout.read()
     err.thread.join(timeout=10)
     assert proc.returncode == 0, err.text()
-    assert "restarting" not in err.text() and "left to the next run" in err.text(), err.text()
+    assert "restarting" not in err.text(), err.text()
+    assert err.text().count("exited while stopping (killed by SIGKILL)") == 4, err.text()
+    assert "left to the next run" in err.text()
     assert re.search(r"worker restarts\s+0;", out)
     saved = _cursor(dsn)
     assert 0 < saved <= offset
