@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from enum import IntEnum
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import psycopg
 
+from common import stop_signals
 from common.logs import configure
 from shards import collector
 from shards.events import BadEvent, Event, decode
@@ -298,14 +299,28 @@ class ShardWorker:
                     self.stats.events_by_kind[ev.kind] -= 1
 
 
+class WorkerExit(IntEnum):
+    """What a local worker's exit code says; a worker ended by a signal shows as minus its
+    number (multiprocessing's convention)."""
+
+    STOPPED = 0  # told to stop: everything it took is committed and acknowledged
+    FAILED = 1  # an unexpected error, logged with its traceback
+    ORPHANED = 3  # the supervisor went away: nobody left to acknowledge to
+
+
 def main(config: WorkerConfig, conn: Connection) -> None:
-    """Process entry point: the supervisor coordinates stopping, so SIGINT is left to it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """Process entry point. The supervisor decides when a worker stops, so the SIGINT and
+    SIGTERM that reach every process of the group (Ctrl-C, systemd) are ignored here."""
+    stop_signals.ignore()
     configure(config.log_level, config.log_format, f"shard-{config.shard}")
+    code = WorkerExit.STOPPED
     try:
         ShardWorker(config, conn).run()
     except (EOFError, BrokenPipeError, ConnectionResetError):
-        pass  # the supervisor is gone: nothing to acknowledge to
+        code = WorkerExit.ORPHANED
+    except Exception:
+        log.exception("shard %d: worker failed", config.shard)
+        code = WorkerExit.FAILED
     finally:
         conn.close()
-    os._exit(0)
+    os._exit(code)
