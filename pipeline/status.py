@@ -33,6 +33,7 @@ from pipeline.options import (
 from shards.store.counts import pending as pending_counts
 
 RECORD_TABLES = ("posts", "likes", "reposts", "follows", "blocks", "records")
+NO_REASON = "no reason recorded"  # users written before the reasons were
 RAW_PREVIEW_CHARS = 80
 _FINGERPRINT_BYTES = 64 * 1024  # what FileSource hashes into a replay cursor's name
 
@@ -60,6 +61,7 @@ class ShardInfo:
     shard: int
     users: int = 0
     tables: dict[str, int] = field(default_factory=lambda: {t: 0 for t in RECORD_TABLES})
+    epoch: int | None = None  # raised by each Redis worker that took the shard over
 
     @property
     def total(self) -> int:
@@ -89,6 +91,7 @@ class Status:
     cursors: list[CursorInfo]
     incomplete_users: int
     incomplete_due: int
+    incomplete_reasons: dict[str, int]  # by the reason of each one's last failed resolution
     dead_letters: dict[str, int]
     dead_letters_total: int
     shards: list[ShardInfo]
@@ -99,10 +102,11 @@ class Status:
     def as_dict(self) -> dict[str, Any]:
         return {
             "cursors": [asdict(c) for c in self.cursors],
-            "incomplete_users": {"total": self.incomplete_users, "due": self.incomplete_due},
+            "incomplete_users": {"total": self.incomplete_users, "due": self.incomplete_due,
+                                 "by_reason": self.incomplete_reasons},
             "dead_letters": {"total": self.dead_letters_total, "by_reason": self.dead_letters},
-            "shards": [{"shard": s.shard, "users": s.users, **s.tables, "total": s.total}
-                       for s in self.shards],
+            "shards": [{"shard": s.shard, "users": s.users, **s.tables, "total": s.total,
+                        "epoch": s.epoch} for s in self.shards],
             "counts": {"exact": not self.filling, "filling": self.filling},
             "top_posts": [asdict(p) for p in self.top_posts],
             "top_users": [asdict(u) for u in self.top_users],
@@ -159,6 +163,11 @@ def collect(conn: psycopg.Connection, shards: int, top: int = 5) -> Status:
         incomplete, due = conn.execute(
             "SELECT count(*), count(*) FILTER (WHERE refresh_after <= now())"
             " FROM users WHERE incomplete").fetchone()
+        why: dict[str, int] = {}
+        for reason, n in conn.execute(
+                "SELECT split_part(resolve_error, ':', 1) AS reason, count(*) FROM users"
+                " WHERE incomplete GROUP BY reason ORDER BY count(*) DESC, reason"):
+            why[reason or NO_REASON] = n
         reasons: dict[str, int] = {}
         for reason, n in conn.execute(
                 "SELECT split_part(error, ':', 1) AS reason, count(*) FROM dead_letters"
@@ -176,8 +185,11 @@ def collect(conn: psycopg.Connection, shards: int, top: int = 5) -> Status:
                    f" GROUP BY s")
             for k, n in conn.execute(sql):
                 by_shard[k].tables[table] = n
-        # No index on the counts (it would cost every increment): a scan, about a second for
-        # ten million rows.
+        for k, epoch in conn.execute("SELECT shard, epoch FROM shard_epochs"):
+            if k in by_shard:
+                by_shard[k].epoch = epoch
+        # No index on the counts (it would cost every increment): a scan, 0.15 s per million
+        # rows.
         top_posts = [PostCounts(*r) for r in conn.execute(
             "SELECT uri, likes, reposts, replies FROM post_stats ORDER BY likes DESC, uri"
             " LIMIT %s", (top,))]
@@ -186,7 +198,7 @@ def collect(conn: psycopg.Connection, shards: int, top: int = 5) -> Status:
             " LEFT JOIN users u ON u.did = s.did ORDER BY s.followers DESC, s.did LIMIT %s",
             (top,))]
         filling = pending_counts(conn)
-    return Status(cursors, incomplete, due, reasons, sum(reasons.values()),
+    return Status(cursors, incomplete, due, why, reasons, sum(reasons.values()),
                   [by_shard[k] for k in range(shards)], top_posts, top_users, filling)
 
 
@@ -233,8 +245,10 @@ def render(status: Status) -> str:
         out += ["  " + s for s in _table(["name", "value", "updated", "progress"], rows, {1})]
     else:
         out.append("  (none)")
-    out += ["", f"incomplete users  {status.incomplete_users} ({status.incomplete_due} due for refresh)",
-            "", f"dead letters      {status.dead_letters_total}"]
+    out += ["", f"incomplete users  {status.incomplete_users}"
+                f" ({status.incomplete_due} due for refresh)"]
+    out += [f"  {n:>8}  {reason}" for reason, n in status.incomplete_reasons.items()]
+    out += ["", f"dead letters      {status.dead_letters_total}"]
     for reason, n in status.dead_letters.items():
         out.append(f"  {n:>8}  {reason}")
     header = ["shard", "users", *RECORD_TABLES, "total"]
@@ -243,6 +257,11 @@ def render(status: Status) -> str:
     rows.append(["all", str(sum(s.users for s in status.shards)),
                  *(str(sum(s.tables[t] for s in status.shards)) for t in RECORD_TABLES),
                  str(sum(s.total for s in status.shards))])
+    if any(s.epoch is not None for s in status.shards):  # shards served by Redis workers
+        header.append("epoch")
+        for row, s in zip(rows, status.shards):
+            row.append("-" if s.epoch is None else str(s.epoch))
+        rows[-1].append("")
     out += ["", f"per shard (of {len(status.shards)}, by DID)"]
     out += ["  " + s for s in _table(header, rows, set(range(1, len(header))))]
     out += ["", "counts            " + ("exact" if not status.filling else
@@ -271,8 +290,8 @@ def render(status: Status) -> str:
 @common_options
 def status(shards: int, top: int, as_json: bool, dsn: str | None, data_dir: str,
            log_level: str) -> None:
-    """Cursors and lag, incomplete users, dead letters by reason, rows per shard, the most liked
-    posts and most followed users."""
+    """Cursors and lag, incomplete users and dead letters by reason, rows per shard (and the
+    epoch of each shard a Redis worker took over), the most liked posts and most followed users."""
     setup_logging(log_level)
     dsn = resolve_dsn(dsn, data_dir)
     conn = open_database(dsn)
