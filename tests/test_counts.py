@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from shards.events import BadEvent, Event, decode
-from shards.store import counts
+from shards.store import counts, migrations
 from shards.store.migrations import upgrade
 from shards.store.writes import Changes, Writer, prepare_connection
 from tests.conftest import assert_counts_exact, query, run_pipeline, wait_until
@@ -167,10 +167,13 @@ def test_two_transactions_on_the_same_hot_posts_lock_them_in_one_order(
     assert_counts_exact(dsn)
 
 
-def _older_database(dsn: str, events: int) -> None:
-    """Records written by the schema before counts existed (no triggers), with deletes."""
-    with psycopg.connect(dsn, autocommit=True) as c:
-        upgrade(c, upto=3)
+def _older_database(dsn: str, events: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records written by the schema without the counts (every migration but 0004), deletes
+    among them."""
+    every = migrations.available()
+    with monkeypatch.context() as patch, psycopg.connect(dsn, autocommit=True) as c:
+        patch.setattr(migrations, "available", lambda: [m for m in every if m[0] != 4])
+        upgrade(c)
         prepare_connection(c)
         _write_generated(c, events, seed=41)
 
@@ -194,8 +197,9 @@ def _write_generated(conn: psycopg.Connection, events: int, seed: int,
     writer.write(conn, batch)
 
 
-def test_db_upgrade_fills_the_counts_of_an_older_database(dsn: str) -> None:
-    _older_database(dsn, 20_000)
+def test_db_upgrade_fills_the_counts_of_an_older_database(
+        dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    _older_database(dsn, 20_000, monkeypatch)
     assert query(dsn, "SELECT count(*) FROM likes")[0][0] > 10_000
     result = run_pipeline("db", "upgrade", "--dsn", dsn)
     assert result.returncode == 0, result.stderr
@@ -211,8 +215,9 @@ def test_db_upgrade_fills_the_counts_of_an_older_database(dsn: str) -> None:
     assert again.returncode == 0 and again.stdout.strip() == "schema is up to date"
 
 
-def test_the_fill_stays_exact_while_writers_commit(dsn: str) -> None:
-    _older_database(dsn, 10_000)
+def test_the_fill_stays_exact_while_writers_commit(dsn: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    _older_database(dsn, 10_000, monkeypatch)
     with psycopg.connect(dsn) as c:
         upgrade(c)
     stop, committed = threading.Event(), []

@@ -18,9 +18,8 @@ def available() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
-def upgrade(conn: psycopg.Connection, upto: int | None = None) -> list[str]:
-    """Applies the migrations the database lacks (those up to version `upto` only, if given);
-    returns their names."""
+def upgrade(conn: psycopg.Connection) -> list[str]:
+    """Applies the migrations the database lacks; returns their names."""
     applied: list[str] = []
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
@@ -31,7 +30,7 @@ def upgrade(conn: psycopg.Connection, upto: int | None = None) -> list[str]:
         )
         done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
         for version, name, sql in available():
-            if version in done or (upto is not None and version > upto):
+            if version in done:
                 continue
             conn.execute(sql.encode())
             conn.execute(
