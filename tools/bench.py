@@ -15,6 +15,9 @@ project's, with the same keys and indexes (the fair limit: what the database its
 this work). It reports the pipeline's events/s against both, and the CPU seconds of each part
 (supervisor, workers, PostgreSQL backends, stubs).
 
+`--hot-posts 5 --hot-share 0.3` sends 30% of the likes to five posts (and `--hot-users`, that share
+of the follows to a few users): what every shard counts at once when a post goes viral.
+
 Targets (2 cores, 8 shards): healthy events/s >= 0.25 of the schema-shaped COPY's rows/s, on 200k
 and 1M events; slow (10% of DIDs hanging) >= 85% of healthy; down >= 90% of healthy; peak RSS
 < 150 MB per process; connections never above the budget.

@@ -16,7 +16,8 @@ import psycopg
 from psycopg import sql
 
 _LOCK_KEY = 7_311_402_004  # one filler at a time
-BATCH_ROWS = 5_000  # records of each source table a range holds at most (a key is never split)
+BATCH_ROWS = 5_000  # about the most records of each source table a range holds (a key is never
+# split, so one key with more records makes a range of its own)
 
 # Built CONCURRENTLY (writes go on); the reads they serve: a post's likers and reposters, a
 # user's followers, a post's replies. The ranges of the fill walk them too.
@@ -39,6 +40,8 @@ class Source:
 
 @dataclass(frozen=True)
 class CountsTable:
+    """A counts table, its key column, and the record columns each of its counts adds up."""
+
     name: str
     key: str
     sources: tuple[Source, ...]
