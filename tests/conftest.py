@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import time
 import sys
@@ -12,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import orjson
+import psutil
 import psycopg
 import pytest
 
@@ -95,6 +97,26 @@ def wait_until(predicate, timeout: float = 60.0, every: float = 0.05) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(every)
+
+
+def workers(proc: psutil.Process) -> list[psutil.Process]:
+    """The shard workers of a local run: children of the supervisor's fork server."""
+    return [w for c in proc.children() if "forkserver" in " ".join(c.cmdline())
+            for w in c.children()]
+
+
+def kill_workers_midway(proc: subprocess.Popen, dsn: str, kills: int, rows_between: int,
+                        seed: int) -> None:
+    """Kills a shard worker (SIGKILL) each time `rows_between` more rows are committed, each
+    after the one killed before was restarted."""
+    rng, parent = random.Random(seed), psutil.Process(proc.pid)
+    for kill in range(kills):
+        wait_until(lambda: rows_committed(dsn) > (kill + 1) * rows_between)
+        live = {w.pid for w in workers(parent)}
+        victim = rng.choice(sorted(live))
+        psutil.Process(victim).kill()
+        wait_until(lambda: (now := {w.pid for w in workers(parent)}) and victim not in now
+                   and len(now) == len(live))
 
 
 def rows_committed(dsn: str) -> int:

@@ -4,22 +4,19 @@ workers (local and over Redis) and the same file replayed again from its start."
 from __future__ import annotations
 
 import json
-import random
 import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
-import psutil
 import pytest
 import redis
 
 from common.routing import shard_for
 from pipeline.transport.redis import lock_key
 from tests.conftest import (HOLD, WORKER_HOLD, assert_counts_exact, database, digest, held,
-                            identity_args, query, rows_committed, run_pipeline, start_pipeline,
-                            wait_until)
-from tests.test_delivery import workers
+                            identity_args, kill_workers_midway, query, rows_committed,
+                            run_pipeline, start_pipeline, wait_until)
 from tests.test_redis import REDIS_URL, procs, rds, start_worker, stop_worker  # noqa: F401
 from tools.generate import Hot, did_list, hot_targets, write_replay
 
@@ -142,17 +139,9 @@ def test_status_shows_the_most_liked_posts_and_most_followed_users(
 def test_workers_killed_then_the_file_replayed_again_counts_stay_exact(
         dsn: str, replay_file: Path, net: tuple, gate: tuple[str, int],
         clean: tuple[str, dict]) -> None:
-    rng = random.Random(3)
     with held(net[0], gate[0]):
         proc = start_pipeline(*args(dsn, replay_file, net, *HOLD))
-        parent = psutil.Process(proc.pid)
-        for kills in range(3):
-            wait_until(lambda: rows_committed(dsn) > (kills + 1) * 5_000)
-            live = {w.pid for w in workers(parent)}
-            victim = rng.choice(sorted(live))
-            psutil.Process(victim).kill()
-            wait_until(lambda: (now := {w.pid for w in workers(parent)}) and victim not in now
-                       and len(now) == len(live))
+        kill_workers_midway(proc, dsn, kills=3, rows_between=5_000, seed=3)
         assert proc.poll() is None
     _out, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err

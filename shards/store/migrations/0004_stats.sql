@@ -117,29 +117,19 @@ END $$;
 CREATE CONSTRAINT TRIGGER stats_apply AFTER INSERT ON stats_commit
     DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION stats_apply();
 
--- One function a record table: for each row a statement removed (deleted, or the old side of an
+-- The record tables' triggers: for each row a statement removed (deleted, or the old side of an
 -- update) its keys go down by one, for each row it added (inserted, or the new side) up by one.
-CREATE FUNCTION likes_stats() RETURNS trigger LANGUAGE plpgsql SET plan_cache_mode = auto AS $$
+-- subject_stats serves likes (argument 1) and reposts (2), whose subject_uri is the key.
+CREATE FUNCTION subject_stats() RETURNS trigger LANGUAGE plpgsql SET plan_cache_mode = auto AS $$
+DECLARE
+    code int := TG_ARGV[0]::int;
 BEGIN
     IF TG_OP <> 'INSERT' THEN
-        PERFORM stats_add('posts', -1, array_agg(subject_uri)::text, count(*))
+        PERFORM stats_add('posts', -code, array_agg(subject_uri)::text, count(*))
         FROM old_rows WHERE subject_uri IS NOT NULL;
     END IF;
     IF TG_OP <> 'DELETE' THEN
-        PERFORM stats_add('posts', 1, array_agg(subject_uri)::text, count(*))
-        FROM new_rows WHERE subject_uri IS NOT NULL;
-    END IF;
-    RETURN NULL;
-END $$;
-
-CREATE FUNCTION reposts_stats() RETURNS trigger LANGUAGE plpgsql SET plan_cache_mode = auto AS $$
-BEGIN
-    IF TG_OP <> 'INSERT' THEN
-        PERFORM stats_add('posts', -2, array_agg(subject_uri)::text, count(*))
-        FROM old_rows WHERE subject_uri IS NOT NULL;
-    END IF;
-    IF TG_OP <> 'DELETE' THEN
-        PERFORM stats_add('posts', 2, array_agg(subject_uri)::text, count(*))
+        PERFORM stats_add('posts', code, array_agg(subject_uri)::text, count(*))
         FROM new_rows WHERE subject_uri IS NOT NULL;
     END IF;
     RETURN NULL;
@@ -176,37 +166,24 @@ BEGIN
 END $$;
 
 -- Transition tables allow one event a trigger: three triggers a table.
-CREATE TRIGGER likes_stats_insert AFTER INSERT ON likes REFERENCING NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION likes_stats();
-CREATE TRIGGER likes_stats_update AFTER UPDATE ON likes
-    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION likes_stats();
-CREATE TRIGGER likes_stats_delete AFTER DELETE ON likes REFERENCING OLD TABLE AS old_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION likes_stats();
-
-CREATE TRIGGER reposts_stats_insert AFTER INSERT ON reposts REFERENCING NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION reposts_stats();
-CREATE TRIGGER reposts_stats_update AFTER UPDATE ON reposts
-    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION reposts_stats();
-CREATE TRIGGER reposts_stats_delete AFTER DELETE ON reposts REFERENCING OLD TABLE AS old_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION reposts_stats();
-
-CREATE TRIGGER posts_stats_insert AFTER INSERT ON posts REFERENCING NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION posts_stats();
-CREATE TRIGGER posts_stats_update AFTER UPDATE ON posts
-    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION posts_stats();
-CREATE TRIGGER posts_stats_delete AFTER DELETE ON posts REFERENCING OLD TABLE AS old_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION posts_stats();
-
-CREATE TRIGGER follows_stats_insert AFTER INSERT ON follows REFERENCING NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION follows_stats();
-CREATE TRIGGER follows_stats_update AFTER UPDATE ON follows
-    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION follows_stats();
-CREATE TRIGGER follows_stats_delete AFTER DELETE ON follows REFERENCING OLD TABLE AS old_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION follows_stats();
+DO $$
+DECLARE
+    t record;
+BEGIN
+    FOR t IN SELECT * FROM (VALUES ('likes', 'subject_stats(1)'), ('reposts', 'subject_stats(2)'),
+                                   ('posts', 'posts_stats()'), ('follows', 'follows_stats()'))
+                           AS v (tab, fn) LOOP
+        EXECUTE format('CREATE TRIGGER %1$s_stats_insert AFTER INSERT ON %1$I'
+                       ' REFERENCING NEW TABLE AS new_rows'
+                       ' FOR EACH STATEMENT EXECUTE FUNCTION %2$s', t.tab, t.fn);
+        EXECUTE format('CREATE TRIGGER %1$s_stats_update AFTER UPDATE ON %1$I'
+                       ' REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows'
+                       ' FOR EACH STATEMENT EXECUTE FUNCTION %2$s', t.tab, t.fn);
+        EXECUTE format('CREATE TRIGGER %1$s_stats_delete AFTER DELETE ON %1$I'
+                       ' REFERENCING OLD TABLE AS old_rows'
+                       ' FOR EACH STATEMENT EXECUTE FUNCTION %2$s', t.tab, t.fn);
+    END LOOP;
+END $$;
 
 -- Records already there are counted by the fill. Nothing can slip in unseen: the triggers above
 -- hold their tables against writes until this commits.
