@@ -84,27 +84,35 @@ LANGUAGE sql STABLE AS $$
 $$;
 
 -- At commit: the deltas summed per key and applied in byte order of the key, posts before
--- users; then the rows whose counts came down to zero go (rows this transaction holds already).
+-- users; the rows whose counts came down to zero then go (only rows this transaction wrote, and
+-- so holds already: no lock out of order).
 CREATE FUNCTION stats_apply() RETURNS trigger LANGUAGE plpgsql SET plan_cache_mode = auto AS $$
 BEGIN
     DELETE FROM stats_commit WHERE xid = pg_current_xact_id();  -- later changes queue anew
-    INSERT INTO post_stats AS s (uri, likes, reposts, replies)
-    SELECT key COLLATE "C", sum(a), sum(b), sum(c) FROM stats_deltas('posts')
-    GROUP BY 1 HAVING sum(a) <> 0 OR sum(b) <> 0 OR sum(c) <> 0 ORDER BY 1
-    ON CONFLICT (uri) DO UPDATE SET likes = s.likes + EXCLUDED.likes,
-        reposts = s.reposts + EXCLUDED.reposts, replies = s.replies + EXCLUDED.replies;
-    INSERT INTO user_stats AS s (did, followers, follows, posts)
-    SELECT key COLLATE "C", sum(a), sum(b), sum(c) FROM stats_deltas('users')
-    GROUP BY 1 HAVING sum(a) <> 0 OR sum(b) <> 0 OR sum(c) <> 0 ORDER BY 1
-    ON CONFLICT (did) DO UPDATE SET followers = s.followers + EXCLUDED.followers,
-        follows = s.follows + EXCLUDED.follows, posts = s.posts + EXCLUDED.posts;
-    -- Only rows this transaction wrote (and so holds): no lock out of order.
-    DELETE FROM post_stats WHERE likes = 0 AND reposts = 0 AND replies = 0
-        AND xmin = pg_current_xact_id()::xid AND uri = ANY(
-            ('{' || current_setting('pipeline_stats.posts_removed', true) || '}')::text[]);
-    DELETE FROM user_stats WHERE followers = 0 AND follows = 0 AND posts = 0
-        AND xmin = pg_current_xact_id()::xid AND did = ANY(
-            ('{' || current_setting('pipeline_stats.users_removed', true) || '}')::text[]);
+    IF current_setting('pipeline_stats.posts_keys', true) <> '' THEN
+        INSERT INTO post_stats AS s (uri, likes, reposts, replies)
+        SELECT key COLLATE "C", sum(a), sum(b), sum(c) FROM stats_deltas('posts')
+        GROUP BY 1 HAVING sum(a) <> 0 OR sum(b) <> 0 OR sum(c) <> 0 ORDER BY 1
+        ON CONFLICT (uri) DO UPDATE SET likes = s.likes + EXCLUDED.likes,
+            reposts = s.reposts + EXCLUDED.reposts, replies = s.replies + EXCLUDED.replies;
+    END IF;
+    IF current_setting('pipeline_stats.posts_removed', true) <> '' THEN
+        DELETE FROM post_stats WHERE likes = 0 AND reposts = 0 AND replies = 0
+            AND xmin = pg_current_xact_id()::xid AND uri = ANY(
+                ('{' || current_setting('pipeline_stats.posts_removed') || '}')::text[]);
+    END IF;
+    IF current_setting('pipeline_stats.users_keys', true) <> '' THEN
+        INSERT INTO user_stats AS s (did, followers, follows, posts)
+        SELECT key COLLATE "C", sum(a), sum(b), sum(c) FROM stats_deltas('users')
+        GROUP BY 1 HAVING sum(a) <> 0 OR sum(b) <> 0 OR sum(c) <> 0 ORDER BY 1
+        ON CONFLICT (did) DO UPDATE SET followers = s.followers + EXCLUDED.followers,
+            follows = s.follows + EXCLUDED.follows, posts = s.posts + EXCLUDED.posts;
+    END IF;
+    IF current_setting('pipeline_stats.users_removed', true) <> '' THEN
+        DELETE FROM user_stats WHERE followers = 0 AND follows = 0 AND posts = 0
+            AND xmin = pg_current_xact_id()::xid AND did = ANY(
+                ('{' || current_setting('pipeline_stats.users_removed') || '}')::text[]);
+    END IF;
     PERFORM set_config('pipeline_stats.posts_keys', '', true),
             set_config('pipeline_stats.posts_codes', '', true),
             set_config('pipeline_stats.users_keys', '', true),
