@@ -32,6 +32,14 @@ OPERATIONS = ("create", "update", "delete")
 KEY_UNAVAILABLE = "key unavailable"
 
 
+class Refused(BadEvent):
+    """A commit that fails a verification check already while it is read (hashes, CAR)."""
+
+    def __init__(self, check: str, message: str) -> None:
+        super().__init__(message)
+        self.check = check
+
+
 @dataclass(slots=True, eq=False)
 class FrameEvent:
     """One frame on its way through a shard; `events` are what it writes once applied."""
@@ -68,7 +76,9 @@ def decode(raw: bytes, batch: int, idx: int, position: int) -> FrameEvent:
             raise BadEvent("tooBig: the relay left this commit's blocks out")
         try:
             fe.commit = (read_commit if frame.kind == "#commit" else read_sync)(body)
-        except (VerificationError, BadFrame) as exc:
+        except VerificationError as exc:
+            raise Refused(exc.check, str(exc)) from None
+        except BadFrame as exc:
             raise BadEvent(str(exc)) from None
         fe.rev = fe.commit.rev
         fe.events = [_op_event(fe, op) for op in fe.commit.ops]

@@ -21,7 +21,7 @@ import psycopg
 from common.logs import configure
 from shards import collector
 from shards.events import BadEvent, Event, decode
-from shards.frames import KEY_UNAVAILABLE, FrameEvent, Frames, frame_time
+from shards.frames import KEY_UNAVAILABLE, FrameEvent, Frames, Refused, frame_time
 from shards.frames import decode as decode_frame
 from shards.identity import Identity, IdentityConfig, build_directory
 from shards.refresher import Refresher
@@ -225,6 +225,8 @@ class ShardWorker:
                 ev: Event | FrameEvent = (decode_frame if raw[:1] >= b"\x80" else decode)(
                     raw, batch_id, idx, position)
             except BadEvent as exc:
+                if isinstance(exc, Refused):
+                    self.frames.failures[exc.check] += 1
                 self._dead(txn, batch_id, idx, position, raw, str(exc))
                 continue
             if not ev.did:  # #info, unknown kinds: counted, nothing to write

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import uuid
 
+import libipld
+
 from tests.conftest import DATA, database, digest, fake_network, identity_args, query, run_pipeline
 
 CORPUS = DATA / "expected_v1.jsonl"
@@ -31,3 +33,79 @@ def test_frames_give_the_rows_of_their_jetstream_lines(server_dsn: str) -> None:
         again = replay(fh, net, FRAMES, "--from-start")
         assert "stale rev: 148" in again.stdout, again.stdout
         assert digest(fh) == digest(js)
+
+
+def corpus_frames() -> list[bytes]:
+    from tools.fake_relay import read_recording
+
+    return read_recording(FRAMES)
+
+
+def _rebuild(header: dict, body: dict, root: bytes, blocks: dict[bytes, object],
+             raw_blocks: dict[bytes, bytes] | None = None) -> bytes:
+    """The frame again, with its CAR made of `blocks` (and of `raw_blocks` as they are)."""
+    from tools.signed_frames import encode_car
+
+    encoded = {cid: libipld.encode_dag_cbor(v) for cid, v in blocks.items()}
+    encoded.update(raw_blocks or {})
+    body = {**body, "blocks": encode_car(root, encoded), "commit": root}
+    return libipld.encode_dag_cbor(header) + libipld.encode_dag_cbor(body)
+
+
+def forge(raw: bytes, how: str) -> bytes:
+    """A real commit altered so that exactly one check fails."""
+    from shards.firehose.datamodel import cid_for
+
+    header, body = libipld.decode_dag_cbor_multi(raw)
+    _, blocks = libipld.decode_car(body["blocks"])
+    root = body["commit"]
+    record_cid = body["ops"][0]["cid"]
+    record = dict(blocks[record_cid])
+    record["createdAt"] = "2001-01-01T00:00:00.000Z"
+    if how == "signature":  # one flipped byte of the signature; the commit's CID follows it
+        commit = dict(blocks.pop(root))
+        commit["sig"] = bytes([commit["sig"][0] ^ 1]) + commit["sig"][1:]
+        root = cid_for(commit)
+        blocks[root] = commit
+    elif how == "record hash":  # the record's bytes change under the same CID
+        del blocks[record_cid]
+        return _rebuild(header, body, root, blocks,
+                        {record_cid: libipld.encode_dag_cbor(record)})
+    elif how == "tree":  # record and CID swapped in the op and the CAR, not in the signed tree
+        del blocks[record_cid]
+        blocks[cid_for(record)] = record
+        body["ops"] = [{**body["ops"][0], "cid": cid_for(record)}]
+    return _rebuild(header, body, root, blocks)
+
+
+def test_forged_commits_are_refused_and_the_rest_commits(dsn: str, tmp_path) -> None:
+    from tools.signed_frames import multibase, private_key, recording
+
+    frames = corpus_frames()
+    creates = [i for i, f in enumerate(frames)
+               if (b := libipld.decode_dag_cbor_multi(f)[1]).get("ops")
+               and b["ops"][0]["action"] == "create"]
+    forged = {creates[3]: "signature", creates[10]: "record hash", creates[20]: "tree"}
+    for i, how in forged.items():
+        frames[i] = forge(frames[i], how)
+    honest = libipld.decode_dag_cbor_multi(frames[creates[30]])[1]["repo"]
+    docs = json.loads(json.dumps(DOCS))
+    for method in docs[honest]["verificationMethod"]:  # a document that names another key
+        method["publicKeyMultibase"] = multibase(private_key("not the author's"))
+    path = tmp_path / "forged.bin.zst"
+    path.write_bytes(recording(frames))
+    with fake_network(docs) as net:
+        result = replay(dsn, net, path)
+        assert net[0].requests_for(honest) == 2  # the key was fetched again before refusing
+    assert "committed         146" in result.stdout, result.stdout
+    assert "verification      failed record hash: 1, signature: 2, tree: 1" in result.stdout, \
+        result.stdout
+    errors = sorted(e.split(":")[0] for (e,) in query(dsn, "SELECT error FROM dead_letters"))
+    assert errors == ["record hash", "signature", "signature", "tree"]
+    for i in (*forged, creates[30]):
+        body = libipld.decode_dag_cbor_multi(frames[i])[1]
+        uri = f"at://{body['repo']}/{body['ops'][0]['path']}"
+        assert query(dsn, "SELECT count(*) FROM (SELECT uri FROM likes UNION ALL SELECT uri"
+                          " FROM posts UNION ALL SELECT uri FROM reposts UNION ALL SELECT uri"
+                          " FROM follows UNION ALL SELECT uri FROM records) t WHERE uri = %s",
+                     (uri,))[0][0] == 0
