@@ -91,6 +91,7 @@ class FirehoseSource:
             self.stats.last_error = reason
             log.warning("%s: %s; reconnecting in %.2f s from seq %s (attempt %d)", self.name,
                         reason, delay, resume if resume is not None else "live", attempt)
+            yield None  # the reader hands on what it holds while this connection is replaced
             if self._stop.wait(delay):
                 return
 
