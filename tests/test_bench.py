@@ -34,6 +34,9 @@ def test_bench_runs_end_to_end_and_reports_sane_figures(server_dsn: str, tmp_pat
     assert 1 <= run["max_connections"] <= budget
     assert run["copy_rows"] == 3000 and run["copy_rows_per_second"] > 0
     assert run["ratio"] > 0
+    # the schema-shaped COPY takes every row the run wrote: its users and their records
+    assert run["schema_copy_rows"] > run["users_created"] > 0
+    assert run["schema_ratio"] == run["events_per_second"] / run["schema_copy_rows_per_second"]
     assert run["supervisor_peak_rss_mb"] > 0 and run["max_worker_peak_rss_mb"] > 0
     assert run["workers_seen"] == 2
     assert report["medians"]["events_per_second"] == run["events_per_second"]
