@@ -294,11 +294,14 @@ def refresh_users(due_only: bool, resolve_timeout: float, max_user_creations: in
           "shard stays locked before a new worker can take over its pending entries.")
 @opt("--refresh-interval", type=click.FloatRange(min=1), default=30.0, show_default=True,
      metavar="SECONDS", help="Pause between passes of this worker's refresher of incomplete users.")
+@opt("--no-verify", is_flag=True, default=False,
+     help="Firehose frames: trust the relay; write commits without checking their signature, "
+          "hashes and tree proofs.")
 @identity_options
 @database_options
 @common_options
 def worker(shard: int, shards: int, transport: str, pool_size: int | None, pool_budget: int,
-           lock_ttl: float, refresh_interval: float, resolve_timeout: float,
+           lock_ttl: float, refresh_interval: float, no_verify: bool, resolve_timeout: float,
            max_user_creations: int, plc_url: str, dns_server: str | None,
            allow_private_addresses: bool, dsn: str | None, data_dir: str, log_level: str) -> None:
     """One shard worker fed over Redis Streams, until SIGTERM/SIGINT (drains, then exits 0).
@@ -370,7 +373,7 @@ def worker(shard: int, shards: int, transport: str, pool_size: int | None, pool_
             identity=identity_config(plc_url, dns_server, allow_private_addresses,
                                      resolve_timeout),
             source="redis", refresh_interval=refresh_interval, log_level=log_level.upper(),
-            log_format=log_format(),
+            log_format=log_format(), verify=not no_verify,
         )
         holder: dict[str, Any] = {}
 

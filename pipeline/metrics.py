@@ -76,14 +76,29 @@ class PipelineCollector:
         position = GaugeMetricFamily("pipeline_cursor", "Saved low-watermark cursor.",
                                      labels=["source"])
         lag = GaugeMetricFamily("pipeline_cursor_lag_seconds",
-                                "Now minus the saved cursor (live sources, time_us cursors).",
+                                "Now minus the saved cursor's time (Jetstream), or minus the"
+                                " newest committed frame's time (firehose).",
                                 labels=["source"])
         if cursor is not None:
             position.add_metric([name], cursor)
-            if name.startswith("jetstream:"):
-                lag.add_metric([name], max(0.0, time.time() - cursor / 1e6))
+        if cursor is not None and name.startswith("jetstream:"):
+            lag.add_metric([name], max(0.0, time.time() - cursor / 1e6))
+        elif s.frame_time is not None:
+            lag.add_metric([name], max(0.0, time.time() - s.frame_time))
         yield position
         yield lag
+        frames = CounterMetricFamily("pipeline_frames_skipped",
+                                     "Firehose frames acknowledged without writing, by reason.",
+                                     labels=["reason"])
+        for reason, n in sorted(s.skipped.items()):
+            frames.add_metric([reason], n)
+        yield frames
+        failures = CounterMetricFamily("pipeline_verification_failures",
+                                       "Firehose commits refused, by the check that failed.",
+                                       labels=["check"])
+        for check, n in sorted(s.verify_failures.items()):
+            failures.add_metric([check], n)
+        yield failures
 
     def _per_shard(self, s: Summary) -> Iterator[Metric]:
         specs: list[tuple[str, str, Callable[[Any], float]]] = [

@@ -45,8 +45,8 @@ class CursorInfo:
     name: str
     cursor: int
     updated_at: str
-    kind: str  # "jetstream", "replay" or "other"
-    lag_seconds: float | None = None  # jetstream: now - cursor time
+    kind: str  # "jetstream", "firehose", "replay" or "other"
+    lag_seconds: float | None = None  # jetstream: now - cursor time; firehose: now - frame time
     file_size: int | None = None  # replay: size of the file that is still at the path
     percent: float | None = None  # replay: cursor / file_size
     note: str | None = None  # why a replay cursor has no percentage
@@ -112,11 +112,17 @@ def replay_progress(name: str, offset: int) -> tuple[int | None, float | None, s
     return size, (100.0 * offset / size if size else 100.0), None
 
 
-def cursor_info(name: str, cursor: int, updated_at: datetime, now: float) -> CursorInfo:
+def cursor_info(name: str, cursor: int, updated_at: datetime, now: float,
+                event_time: datetime | None = None) -> CursorInfo:
+    """`event_time`: when the newest committed event happened (firehose frames carry it)."""
     info = CursorInfo(name, cursor, updated_at.isoformat(), "other")
     if name.startswith("jetstream:"):
         info.kind = "jetstream"
         info.lag_seconds = round(now - cursor / 1e6, 3)
+    elif name.startswith("firehose:"):
+        info.kind = "firehose"
+        if event_time is not None:
+            info.lag_seconds = round(now - event_time.timestamp(), 3)
     elif name.startswith("replay:"):
         info.kind = "replay"
         info.file_size, info.percent, info.note = replay_progress(name, cursor)
@@ -130,8 +136,8 @@ def collect(conn: psycopg.Connection, shards: int) -> Status:
     now = time.time()
     with conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        cursors = [cursor_info(n, c, u, now) for n, c, u in conn.execute(
-            "SELECT name, cursor, updated_at FROM cursors ORDER BY name")]
+        cursors = [cursor_info(n, c, u, now, t) for n, c, u, t in conn.execute(
+            "SELECT name, cursor, updated_at, event_time FROM cursors ORDER BY name")]
         incomplete, due = conn.execute(
             "SELECT count(*), count(*) FILTER (WHERE refresh_after <= now())"
             " FROM users WHERE incomplete").fetchone()
@@ -185,8 +191,10 @@ def render(status: Status) -> str:
     if status.cursors:
         rows = []
         for c in status.cursors:
-            if c.kind == "jetstream":
+            if c.kind == "jetstream" or c.kind == "firehose" and c.lag_seconds is not None:
                 progress = f"lag {_duration(c.lag_seconds or 0.0)}"
+            elif c.kind == "firehose":
+                progress = f"seq {c.cursor}"
             elif c.kind == "replay":
                 progress = f"byte {c.cursor}"
                 if c.percent is not None:

@@ -536,9 +536,11 @@ class Supervisor:
                     self.db = connect(self.o.dsn, "pipeline", autocommit=True)
                     self.db.execute("SELECT pg_advisory_lock(%s)", (_lock_key(self.source.name),))
                 self.db.execute(
-                    "INSERT INTO cursors (name, cursor) VALUES (%s, %s) ON CONFLICT (name)"
-                    " DO UPDATE SET cursor = EXCLUDED.cursor, updated_at = now()",
-                    (self.source.name, mark),
+                    "INSERT INTO cursors (name, cursor, event_time) VALUES (%s, %s,"
+                    " to_timestamp(%s)) ON CONFLICT (name) DO UPDATE SET cursor = EXCLUDED.cursor,"
+                    " event_time = coalesce(EXCLUDED.event_time, cursors.event_time),"
+                    " updated_at = now()",
+                    (self.source.name, mark, self.frame_time()),
                 )
                 self.saved_cursor = mark
                 return
@@ -550,6 +552,12 @@ class Supervisor:
                 if not force:
                     return
                 time.sleep(min(0.2 * 2**attempt, 3))
+
+    def frame_time(self) -> float | None:
+        """Unix time of the newest firehose frame committed (None for other sources)."""
+        times = [s.frame_time for sp in self.shards for s in (*sp.past, sp.stats)
+                 if s is not None and s.frame_time is not None]
+        return max(times, default=None)
 
     def summary(self) -> Summary:
         stats = [s for sp in self.shards for s in (*sp.past, sp.stats) if s is not None]

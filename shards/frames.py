@@ -182,10 +182,10 @@ class Frames:
         if fe.kind == "#account":
             state.active = bool(fe.events[0].active)
             return None
-        if fe.kind == "#commit" and not state.active:
-            return "inactive account"
         if state.rev is not None and fe.rev <= state.rev:  # TIDs sort as their strings
             return "stale rev"
+        if fe.kind == "#commit" and not state.active:
+            return "inactive account"
         state.rev = fe.rev
         return None
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from pipeline.sources.firehose import FirehoseSource, firehose_url
 from tests.conftest import (DATA, database, digest, fake_network, identity_args, query,
                             run_pipeline, start_pipeline, wait_until)
+from tests.test_live import free_port, scrape
 from tools.fake_relay import FakeRelay
 
 FRAMES = DATA / "frames.bin.zst"
@@ -63,11 +64,16 @@ def test_live_firehose_with_drops_commits_everything_once(server_dsn: str, tmp_p
             database(server_dsn, f"t_{uuid.uuid4().hex[:12]}") as replayed, \
             database(server_dsn, f"t_{uuid.uuid4().hex[:12]}") as reference, \
             fake_network(DOCS) as net, FakeRelay(FRAMES, drop_after=[60, 40]) as relay:
+        port = free_port()
         proc = start_pipeline("run", "--firehose", relay.url, "--dsn", live,
-                              *identity_args(*net), "--batch-size", "10")
+                              *identity_args(*net), "--batch-size", "10",
+                              "--metrics-port", str(port))
         try:
             wait_until(lambda: query(live, "SELECT cursor FROM cursors") == [(LAST_SEQ + 1,)]
                        if frames_committed(live) >= 149 else False)
+            commits = 'pipeline_events_total{kind="#commit",result="committed"}'
+            wait_until(lambda: scrape(port).get(commits) == 148)  # figures come each second
+            metrics = scrape(port)
         finally:
             proc.send_signal(signal.SIGTERM)
             out, err = proc.communicate(timeout=30)
@@ -75,6 +81,13 @@ def test_live_firehose_with_drops_commits_everything_once(server_dsn: str, tmp_p
         assert relay.cursors[:3] == [None, FIRST_SEQ + 59, FIRST_SEQ + 99]
         assert relay.sent[:3] == [60, 40, 50]
         assert "committed         150" in out and "dead-lettered     0" in out, out
+        source = f"firehose:{relay.url}/xrpc/com.atproto.sync.subscribeRepos"
+        assert metrics[f'pipeline_cursor{{source="{source}"}}'] == LAST_SEQ + 1
+        # the recorded frames are from 2026-07-04: the lag is their age
+        assert metrics[f'pipeline_cursor_lag_seconds{{source="{source}"}}'] > 86_400
+        status = json.loads(run_pipeline("status", "--dsn", live, "--json").stdout)
+        cursor = next(c for c in status["cursors"] if c["name"] == source)
+        assert cursor["kind"] == "firehose" and cursor["lag_seconds"] > 86_400
         # `pipeline record` from before the first seq: the relay says the cursor is outdated
         rec = run_pipeline("record", "--firehose", relay.url, "--out", str(recorded),
                            "--events", "150", "--cursor", str(FIRST_SEQ - 100))

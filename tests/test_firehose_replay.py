@@ -7,6 +7,7 @@ import uuid
 import libipld
 
 from tests.conftest import DATA, database, digest, fake_network, identity_args, query, run_pipeline
+from tests.test_redis import procs, rds  # noqa: F401 -- fixtures
 
 CORPUS = DATA / "expected_v1.jsonl"
 FRAMES = DATA / "frames.bin.zst"
@@ -109,3 +110,18 @@ def test_forged_commits_are_refused_and_the_rest_commits(dsn: str, tmp_path) -> 
                           " FROM posts UNION ALL SELECT uri FROM reposts UNION ALL SELECT uri"
                           " FROM follows UNION ALL SELECT uri FROM records) t WHERE uri = %s",
                      (uri,))[0][0] == 0
+
+
+def test_frames_over_redis_give_the_local_tables(server_dsn: str, rds, procs) -> None:
+    from tests.test_redis import REDIS_URL, start_worker, stop_worker
+
+    with database(server_dsn, f"t_{uuid.uuid4().hex[:12]}") as local, \
+            database(server_dsn, f"t_{uuid.uuid4().hex[:12]}") as remote, \
+            fake_network(DOCS) as net:
+        replay(local, net, FRAMES, "--shards", "2")
+        workers = [start_worker(procs, remote, net, k, 2) for k in range(2)]
+        result = replay(remote, net, FRAMES, "--shards", "2", "--transport", REDIS_URL)
+        assert "committed         150" in result.stdout, result.stdout
+        for w in workers:
+            stop_worker(w)
+        assert digest(remote) == digest(local)
