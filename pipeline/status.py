@@ -327,20 +327,28 @@ def resolve_users(directory: Any, dids: list[str], slots: int,
 
 def retry_letters(dsn: str, letters: list[DeadLetter], directory_factory: Callable[[], Any],
                   slots: int, timeout: float) -> RetryResult:
-    """Feeds dead letters through decode and write again; whatever still fails stays put."""
+    """Feeds dead letters through decode and write again; whatever still fails stays put.
+
+    Firehose frames are verified again with their author's key, fetched afresh (before any
+    database connection is opened), and keep to their repository's rev as in a run."""
     from shards.events import BadEvent, decode
-    from shards.store.writes import Changes, Writer, prepare_connection
+    from shards.frames import KEY_UNAVAILABLE, FrameEvent, Frames
+    from shards.frames import decode as decode_frame
+    from shards.identity import IdentityError
+    from shards.store.writes import Changes, Writer, prepare_connection, repo_states
 
     result = RetryResult(retried=len(letters))
     good: list[tuple[DeadLetter, Any]] = []
     reasons: list[tuple[str, int]] = []
     for letter in letters:
         try:
-            good.append((letter, decode(letter.raw, 0, 0, letter.position)))
+            read = decode_frame if letter.raw[:1] >= b"\x80" else decode
+            good.append((letter, read(letter.raw, 0, 0, letter.position)))
         except BadEvent as exc:
             result.still_bad += 1
             if str(exc) != letter.error:
                 reasons.append((str(exc), letter.id))
+    good = [(letter, ev) for letter, ev in good if ev.did]
     authors = sorted({ev.did for _, ev in good})
     with psycopg.connect(dsn, application_name="pipeline") as conn:
         if reasons:
@@ -348,15 +356,42 @@ def retry_letters(dsn: str, letters: list[DeadLetter], directory_factory: Callab
         known = {r[0] for r in conn.execute(
             "SELECT did FROM users WHERE did = ANY(%s)", (authors,))} if authors else set()
     missing = [d for d in authors if d not in known]
-    new_users = resolve_users(directory_factory(), missing, slots, timeout) if missing else {}
+    directory = directory_factory()
+    new_users = resolve_users(directory, missing, slots, timeout) if missing else {}
+    frames = Frames(verify=True)
+    keyed = sorted({ev.did for _, ev in good if isinstance(ev, FrameEvent) and ev.needs_key})
+    keys = {}
+    for did in keyed:
+        try:
+            keys[did] = frames.key(directory.resolve_did(did))
+        except IdentityError:
+            keys[did] = None
     with psycopg.connect(dsn, application_name="pipeline") as conn:
         prepare_connection(conn)
+        if keyed:
+            frames.load(repo_states(conn, keyed))
+            conn.commit()
         for letter, ev in good:
             changes = Changes()
             user = new_users.get(ev.did)
             if user is not None:
                 changes.users.append(user)
-            changes.add(ev)
+            if isinstance(ev, FrameEvent):
+                failed = (KEY_UNAVAILABLE if ev.needs_key and keys.get(ev.did) is None
+                          else frames.check(ev, keys.get(ev.did)))
+                if failed is not None:
+                    result.still_bad += 1
+                    conn.execute("UPDATE dead_letters SET error = %s WHERE id = %s",
+                                 (failed, letter.id))
+                    conn.commit()
+                    continue
+                if frames.admit(ev) is None:  # else its rev is applied already: nothing to write
+                    for op in ev.events:
+                        changes.add(op)
+                    if ev.rev is not None:
+                        changes.revs[ev.did] = ev.rev
+            else:
+                changes.add(ev)
             try:
                 with conn.transaction():
                     # Claim the row first: a concurrent retry that got here earlier wins.

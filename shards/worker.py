@@ -348,9 +348,9 @@ class ShardWorker:
         self.stats.transactions += 1
         self.stats.events_by_kind.update(ev.kind for ev in events)
         self.stats.events_by_kind.update(fe.kind for fe, _ in txn.frames)
-        times = [t for t in map(frame_time, (fe.time for fe, _ in txn.frames)) if t is not None]
-        if times:
-            self.stats.frame_time = max(self.stats.frame_time or 0.0, max(times))
+        newest = frame_time(max((fe.time for fe, _ in txn.frames if fe.time), default=None))
+        if newest is not None:  # ISO times of one relay compare as their strings
+            self.stats.frame_time = max(self.stats.frame_time or 0.0, newest)
         for batch_id, (committed, dead) in acks.batches.items():
             self.stats.committed += len(committed)
             self.stats.dead_letters += len(dead)

@@ -13,7 +13,7 @@ from tests.conftest import (DATA, database, digest, fake_network, identity_args,
 from tests.test_live import free_port, scrape
 from tools.fake_relay import FakeRelay
 
-FRAMES = DATA / "frames.bin.zst"
+FRAMES = DATA / "jetstream" / "frames.bin.zst"
 DOCS = json.loads((DATA / "did_docs.json").read_text())
 FIRST_SEQ, LAST_SEQ = 31527015322, 31527015471
 

@@ -6,11 +6,12 @@ import uuid
 
 import libipld
 
+from tests.firehose_corpus import frames as corpus_frames
 from tests.conftest import DATA, database, digest, fake_network, identity_args, query, run_pipeline
 from tests.test_redis import procs, rds  # noqa: F401 -- fixtures
 
 CORPUS = DATA / "expected_v1.jsonl"
-FRAMES = DATA / "frames.bin.zst"
+FRAMES = DATA / "jetstream" / "frames.bin.zst"
 DOCS = json.loads((DATA / "did_docs.json").read_text())
 
 
@@ -34,12 +35,6 @@ def test_frames_give_the_rows_of_their_jetstream_lines(server_dsn: str) -> None:
         again = replay(fh, net, FRAMES, "--from-start")
         assert "stale rev: 148" in again.stdout, again.stdout
         assert digest(fh) == digest(js)
-
-
-def corpus_frames() -> list[bytes]:
-    from tools.fake_relay import read_recording
-
-    return read_recording(FRAMES)
 
 
 def _rebuild(header: dict, body: dict, root: bytes, blocks: dict[bytes, object],
@@ -82,7 +77,7 @@ def forge(raw: bytes, how: str) -> bytes:
 def test_forged_commits_are_refused_and_the_rest_commits(dsn: str, tmp_path) -> None:
     from tools.signed_frames import multibase, private_key, recording
 
-    frames = corpus_frames()
+    frames = list(corpus_frames())
     creates = [i for i, f in enumerate(frames)
                if (b := libipld.decode_dag_cbor_multi(f)[1]).get("ops")
                and b["ops"][0]["action"] == "create"]
@@ -125,3 +120,21 @@ def test_frames_over_redis_give_the_local_tables(server_dsn: str, rds, procs) ->
         for w in workers:
             stop_worker(w)
         assert digest(remote) == digest(local)
+
+
+def test_a_key_that_cannot_be_had_in_time_refuses_the_commit_until_a_retry(dsn: str) -> None:
+    from tests.conftest import held
+
+    body = libipld.decode_dag_cbor_multi(corpus_frames()[0])[1]
+    did, uri = body["repo"], f"at://{body['repo']}/{body['ops'][0]['path']}"
+    with fake_network(DOCS) as net:
+        with held(net[0], did):
+            first = replay(dsn, net, FRAMES, "--resolve-timeout", "0.5")
+        assert "committed         149" in first.stdout, first.stdout
+        assert query(dsn, "SELECT error FROM dead_letters") == [("key unavailable",)]
+        assert query(dsn, "SELECT count(*) FROM likes WHERE uri = %s", (uri,)) == [(0,)]
+        retry = run_pipeline("dead-letters", "--retry", "--dsn", dsn, *identity_args(*net))
+        assert retry.returncode == 0, retry.stderr
+    assert query(dsn, "SELECT count(*) FROM dead_letters") == [(0,)]
+    assert query(dsn, "SELECT count(*) FROM likes WHERE uri = %s", (uri,)) == [(1,)]
+    assert query(dsn, "SELECT rev FROM repo_revs WHERE did = %s", (did,)) == [(body["rev"],)]
