@@ -706,14 +706,18 @@ def main(n_events: int, n_dids: int, seed: int, shards: int, pool_budget: int, p
                              log_dir=logs / f"{stamp}-{profile}-{fmt_i}-{i}", children=children,
                              rows_cache=rows_cache, timeout=timeout, extra=extra, echo=echo)
                 results.append(r)
-                report_run(r, f"run {i}/{runs} {fmt_i}", n_events, pool_budget)
+                report_run(r, f"run {i}/{runs}" + (f" {fmt_i}" if len(formats) > 1 else ""),
+                           n_events, pool_budget)
         by_format = {f: [r for r in results if r.format == f] for f in formats}
         m = medians(by_format[formats[0]])
+        named = len(formats) > 1
         for f, rs in by_format.items():
-            click.echo(format_line(f"median of {len(rs)} {f}", medians(rs), pool_budget))
+            click.echo(format_line(f"median of {len(rs)}" + (f" {f}" if named else ""),
+                                   medians(rs), pool_budget))
         click.echo("targets (meant for 2 cores, 8 shards):")
         for f, rs in by_format.items():
-            click.echo(f" {f}:")
+            if named:
+                click.echo(f" {f}:")
             for line in target_lines(medians(rs), profile, pool_budget):
                 click.echo(line)
         if len(formats) == 2:
@@ -732,7 +736,7 @@ def main(n_events: int, n_dids: int, seed: int, shards: int, pool_budget: int, p
                            "slow_fraction": slow_fraction, "runs": runs, "format": fmt,
                            "cpus": os.cpu_count(), "extra": list(extra)},
                 "runs": [asdict(r) for r in results],
-                "medians": {f: medians(rs) for f, rs in by_format.items()},
+                "medians": ({f: medians(rs) for f, rs in by_format.items()} if named else m),
             }
             Path(json_out).write_bytes(orjson.dumps(payload, option=orjson.OPT_INDENT_2))
     except BenchError as exc:
