@@ -138,3 +138,26 @@ def test_a_key_that_cannot_be_had_in_time_refuses_the_commit_until_a_retry(dsn: 
     assert query(dsn, "SELECT count(*) FROM dead_letters") == [(0,)]
     assert query(dsn, "SELECT count(*) FROM likes WHERE uri = %s", (uri,)) == [(1,)]
     assert query(dsn, "SELECT rev FROM repo_revs WHERE did = %s", (did,)) == [(body["rev"],)]
+
+
+def test_bad_frames_are_dead_letters_at_their_byte_offset(dsn: str, tmp_path) -> None:
+    from tools.signed_frames import frame, recording
+
+    good = list(corpus_frames()[:3])
+    bad = [b"\xff\x00 not CBOR", good[1][:200],  # not CBOR; cut short
+           frame("#commit", {"repo": "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa"}),  # no fields
+           frame("#tooBig", {"note": "a kind this pipeline does not know"})]
+    path = tmp_path / "bad.bin.zst"
+    path.write_bytes(recording([good[0], *bad, good[2]]))
+    offsets, at = [], 0
+    for f in [good[0], *bad, good[2]]:
+        offsets.append(at)
+        at += 4 + len(f)
+    with fake_network(DOCS) as net:
+        result = replay(dsn, net, path)
+    assert "committed         3" in result.stdout, result.stdout  # two commits, one unknown kind
+    assert "kind #tooBig: 1" in result.stdout
+    letters = query(dsn, "SELECT position, error FROM dead_letters ORDER BY position")
+    assert [p for p, _ in letters] == offsets[1:4]
+    assert letters[0][1].startswith("not CBOR") and letters[1][1] == "truncated frame"
+    assert letters[2][1].startswith("commit missing")
