@@ -87,18 +87,16 @@ class PipelineCollector:
             lag.add_metric([name], max(0.0, time.time() - s.frame_time))
         yield position
         yield lag
-        frames = CounterMetricFamily("pipeline_frames_skipped",
-                                     "Firehose frames acknowledged without writing, by reason.",
-                                     labels=["reason"])
-        for reason, n in sorted(s.skipped.items()):
-            frames.add_metric([reason], n)
-        yield frames
-        failures = CounterMetricFamily("pipeline_verification_failures",
-                                       "Firehose commits refused, by the check that failed.",
-                                       labels=["check"])
-        for check, n in sorted(s.verify_failures.items()):
-            failures.add_metric([check], n)
-        yield failures
+        for name, doc, label, values in (
+                ("pipeline_frames_skipped",
+                 "Firehose frames acknowledged without writing, by reason.", "reason", s.skipped),
+                ("pipeline_verification_failures",
+                 "Firehose commits refused, by the check that failed.", "check",
+                 s.verify_failures)):
+            family = CounterMetricFamily(name, doc, labels=[label])
+            for key, n in sorted(values.items()):
+                family.add_metric([key], n)
+            yield family
 
     def _per_shard(self, s: Summary) -> Iterator[Metric]:
         specs: list[tuple[str, str, Callable[[Any], float]]] = [

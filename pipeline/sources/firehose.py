@@ -16,12 +16,12 @@ import time
 import urllib.parse
 from collections.abc import Generator, Iterator
 
-from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
+from websockets.exceptions import InvalidStatus, WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
 from pipeline.sources.base import SourceError
 from pipeline.sources.jetstream import ConnectionStats
-from pipeline.sources.reconnect import FATAL_HTTP, backoff, describe
+from pipeline.sources.reconnect import FATAL_HTTP, backoff, describe, receive
 from pipeline.sources.sequence import SeqOrder
 from shards.firehose.frames import BadFrame, parse_frame
 
@@ -29,7 +29,6 @@ log = logging.getLogger("pipeline.firehose")
 
 XRPC_PATH = "/xrpc/com.atproto.sync.subscribeRepos"
 DEFAULT_MAX_FRAME_BYTES = 8 << 20
-_POLL_SECONDS = 0.2
 
 
 class FirehoseSource:
@@ -108,18 +107,13 @@ class FirehoseSource:
             self._ever_connected = True
             last_message = time.monotonic()
             while not self._stop.is_set():
-                try:
-                    raw = ws.recv(timeout=_POLL_SECONDS, decode=False)
-                except TimeoutError:
-                    if time.monotonic() - last_message >= self._read_timeout:
-                        return f"no frame for {self._read_timeout:g} s"
+                raw = receive(ws, last_message, self._read_timeout)
+                if raw is None:
                     yield None
                     continue
-                except ConnectionClosed as exc:
-                    return f"connection closed: {exc}"
-                last_message = time.monotonic()
                 if isinstance(raw, str):
-                    raw = raw.encode()
+                    return raw
+                last_message = time.monotonic()
                 admit, seq = self.order.admit(raw)
                 if not admit:
                     continue

@@ -25,19 +25,17 @@ from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 
 import orjson
-from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
+from websockets.exceptions import InvalidStatus, WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
 from pipeline.sources.base import SourceError
-from pipeline.sources.reconnect import FATAL_HTTP, backoff, describe
+from pipeline.sources.reconnect import FATAL_HTTP, backoff, describe, receive
 
 __all__ = ["ConnectionStats", "JetstreamSource", "DEFAULT_MAX_MESSAGE_BYTES"]
 
 log = logging.getLogger("pipeline.jetstream")
 
 DEFAULT_MAX_MESSAGE_BYTES = 2 * 1024 * 1024
-_POLL_SECONDS = 0.2
-"""Longest recv() blocks before looking at close(): bounds how late close() is noticed."""
 _MAX_COLLECTIONS = 100
 """Jetstream refuses more wantedCollections than this."""
 _NSID = re.compile(r"^[A-Za-z][A-Za-z0-9-]*(\.[A-Za-z0-9-]+)+(\.\*)?$|^[A-Za-z][A-Za-z0-9-]*\.\*$")
@@ -175,18 +173,13 @@ class JetstreamSource:
             self._ever_connected = True
             last_message = time.monotonic()
             while not self._stop.is_set():
-                try:
-                    raw = ws.recv(timeout=_POLL_SECONDS, decode=False)
-                except TimeoutError:
-                    if time.monotonic() - last_message >= self._read_timeout:
-                        return f"no message for {self._read_timeout:g} s"
-                    yield None  # idle: the reader hands on what it holds
+                raw = receive(ws, last_message, self._read_timeout)
+                if raw is None:
+                    yield None
                     continue
-                except ConnectionClosed as exc:
-                    return f"connection closed: {exc}"
+                if isinstance(raw, str):
+                    return raw
                 last_message = time.monotonic()
-                if isinstance(raw, str):  # only if a websockets version ignores decode=False
-                    raw = raw.encode()
                 time_us = _time_us(raw)
                 if time_us is not None and time_us > self._position:
                     self._position = time_us

@@ -3,7 +3,13 @@ attempts, how a failure is described, and which handshake answers mean a wrong U
 from __future__ import annotations
 
 import random
+import time
 
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection
+
+POLL_SECONDS = 0.2
+"""Longest recv() blocks before looking at close(): bounds how late close() is noticed."""
 FATAL_HTTP = frozenset({400, 401, 403, 404, 405, 410})
 """Handshake answers that mean a wrong URL or parameters, not an outage."""
 
@@ -17,3 +23,18 @@ def backoff(attempt: int, initial: float, most: float) -> float:
 def describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def receive(ws: ClientConnection, last_message: float, read_timeout: float) -> bytes | str | None:
+    """The next message as bytes; None after POLL_SECONDS of quiet (the reader hands on what it
+    holds); or, as a str, why the connection is done: closed, or quiet for `read_timeout`
+    seconds since `last_message`."""
+    try:
+        raw = ws.recv(timeout=POLL_SECONDS, decode=False)
+    except TimeoutError:
+        if time.monotonic() - last_message >= read_timeout:
+            return f"no message for {read_timeout:g} s"
+        return None
+    except ConnectionClosed as exc:
+        return f"connection closed: {exc}"
+    return raw.encode() if isinstance(raw, str) else raw  # str only if decode=False is ignored

@@ -7,54 +7,33 @@ its head is handed on (the shard dead-letters it) and the replay ends."""
 from __future__ import annotations
 
 import gzip
-import hashlib
 import logging
-import os
-import threading
 from collections.abc import Iterator
-from typing import BinaryIO
 
 import zstandard
 
 from pipeline.sources.base import SourceError
+from pipeline.sources.file import FileSource
 from pipeline.sources.sequence import SeqOrder
-from pipeline.sources.streams import compression, open_stream, skip
+from pipeline.sources.streams import skip
 
 log = logging.getLogger("pipeline.recording")
 
 MAX_FRAME_BYTES = 8 << 20
 DAMAGED_HEAD_BYTES = 64 * 1024
-_FINGERPRINT_BYTES = 64 * 1024
 
 
-class RecordingSource:
+class RecordingSource(FileSource):
     """Replays a recording frame by frame; resumes from a byte offset of the uncompressed stream."""
 
     format = "firehose"
-    resumable = True
 
     def __init__(self, path: str) -> None:
-        self._closed = threading.Event()
-        self._next = 0
-        self._raw: BinaryIO | None = None
+        super().__init__(path)
         self.order = SeqOrder()
-        self.path = os.path.abspath(path)
-        try:
-            with open(self.path, "rb") as f:
-                head = f.read(_FINGERPRINT_BYTES)
-            self._total: int | None = os.path.getsize(self.path)
-        except FileNotFoundError:
-            raise SourceError(f"no such file: {path}") from None
-        except IsADirectoryError:
-            raise SourceError(f"is a directory, not a file: {path}") from None
-        except OSError as exc:
-            raise SourceError(f"cannot read {path}: {exc.strerror}") from None
-        self._compression = compression(head)
-        self.name = f"replay:{self.path}#{hashlib.sha256(head).hexdigest()[:16]}"
 
     def events(self, cursor: int | None) -> Iterator[tuple[int, bytes]]:
-        self._raw = open(self.path, "rb")
-        f = open_stream(self._raw, self._compression)
+        f = self._open()
         try:
             pos = skip(f, cursor) if cursor else 0
             self._next = pos
@@ -82,25 +61,10 @@ class RecordingSource:
             raise SourceError(f"cannot read {self.path}: {exc}") from None
         finally:
             f.close()
-            self._raw.close()
+            if self._raw is not None:
+                self._raw.close()
 
     @property
     def skipped(self) -> int:
         """Frames left out because their seq did not go up."""
         return self.order.skipped
-
-    @property
-    def next_position(self) -> int:
-        return self._next
-
-    @property
-    def progress(self) -> tuple[int, int | None]:
-        if self._raw is not None and not self._raw.closed and self._total is not None:
-            try:
-                return self._raw.tell(), self._total
-            except (OSError, ValueError):
-                pass
-        return self._next, self._total
-
-    def close(self) -> None:
-        self._closed.set()
