@@ -8,6 +8,7 @@ from typing import Any
 import click
 import psycopg
 
+from pipeline.endpoints import start_line
 from pipeline.options import (
     RET_DATABASE,
     RET_ERROR,
@@ -127,10 +128,11 @@ def run(replay: str | None, replay_format: str, jetstream: str | None, firehose:
         fail(str(exc), RET_SOURCE)
     dsn = resolve_dsn(dsn, data_dir)
     open_database(dsn).close()
+    identity = identity_config(plc_url, dns_server, allow_private_addresses, resolve_timeout)
+    log.info(start_line(identity, dsn, jetstream=jetstream, redis=redis_url))
     options = RunOptions(
         dsn=dsn, shards=shards, pool_budget=pool_budget, max_user_creations=max_user_creations,
-        resolve_timeout=resolve_timeout,
-        identity=identity_config(plc_url, dns_server, allow_private_addresses, resolve_timeout),
+        resolve_timeout=resolve_timeout, identity=identity,
         batch_size=batch_size, from_start=from_start, end_wait=end_wait,
         log_level=log_level.upper(),
         log_format=log_format(),
@@ -163,6 +165,9 @@ def run(replay: str | None, replay_format: str, jetstream: str | None, firehose:
         fail(f"database error: {_short(exc)}", RET_DATABASE)
     progress.close()
     click.echo(summary.render())
+    warning = summary.refusal_warning()
+    if warning:
+        log.warning(warning)
     if summary_json:
         import orjson
 
@@ -262,8 +267,9 @@ def refresh_users(due_only: bool, resolve_timeout: float, max_user_creations: in
     setup_logging(log_level)
     dsn = resolve_dsn(dsn, data_dir)
     open_database(dsn).close()
-    directory = build_directory(identity_config(plc_url, dns_server, allow_private_addresses,
-                                                resolve_timeout))
+    identity = identity_config(plc_url, dns_server, allow_private_addresses, resolve_timeout)
+    log.info(start_line(identity, dsn))
+    directory = build_directory(identity)
     pool = open_pool(dsn, 2, "pipeline-refresh")
     try:
         result = Refresher(pool, directory, concurrency=min(max_user_creations, 64)).run_pass(
@@ -367,11 +373,12 @@ def worker(shard: int, shards: int, transport: str, pool_size: int | None, pool_
         open_database(dsn, f"pipeline-shard-{shard}").close()
         from shards.worker import ShardWorker, WorkerConfig
 
+        identity = identity_config(plc_url, dns_server, allow_private_addresses, resolve_timeout)
+        log.info("shard %d: %s", shard, start_line(identity, dsn, redis=url))
         config = WorkerConfig(
             shard=shard, shards=shards, dsn=dsn, pool_size=pool_size,
             slots=max(1, max_user_creations // shards), resolve_timeout=resolve_timeout,
-            identity=identity_config(plc_url, dns_server, allow_private_addresses,
-                                     resolve_timeout),
+            identity=identity,
             source="redis", refresh_interval=refresh_interval, log_level=log_level.upper(),
             log_format=log_format(), verify=not no_verify,
         )

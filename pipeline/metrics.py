@@ -128,19 +128,25 @@ class PipelineCollector:
                                           labels=["method", "result"])
         cache = CounterMetricFamily("pipeline_identity_cache", "Identity cache lookups.",
                                     labels=["result"])
+        refused = CounterMetricFamily(
+            "pipeline_refused_addresses",
+            "Lookups refused: a host from the network's data resolved to a non-public address.",
+            labels=["kind"])
         breaker = GaugeMetricFamily("pipeline_breaker_open", "Upstream circuits open now.")
         trips = CounterMetricFamily("pipeline_breaker_trips", "Times a circuit opened.")
         for key, value in sorted(stats.items()):
             parts = key.split(".")
             if parts[0] == "resolution" and len(parts) == 3:
                 resolutions.add_metric(parts[1:], value)
+            elif parts[0] == "refused" and len(parts) == 2:
+                refused.add_metric([parts[1]], value)
             elif parts[0] == "cache" and parts[1] in ("hit", "miss", "coalesced"):
                 cache.add_metric([parts[1]], value)
             elif key == "breaker.open":
                 breaker.add_metric([], value)
             elif key == "breaker.trips":
                 trips.add_metric([], value)
-        yield from (resolutions, cache, breaker, trips)
+        yield from (resolutions, refused, cache, breaker, trips)
 
 
 def serve(port: int, addr: str, summary: Callable[[], Summary],

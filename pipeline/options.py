@@ -55,12 +55,14 @@ def database_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def identity_options(f: Callable[..., Any]) -> Callable[..., Any]:
     f = opt("--allow-private-addresses", is_flag=True, default=False,
-            help="Let identity lookups reach private, loopback and link-local addresses "
-                 "(tests and private networks only).")(f)
+            help="Let hosts named by the network's data (handles, did:web hosts, PDS endpoints, "
+                 "redirects) resolve to private, loopback and link-local addresses; off, they are "
+                 "refused. The endpoints you name here are used as given either way.")(f)
     f = opt("--dns-server", default=None, metavar="HOST[:PORT]",
-            help="DNS server for handle verification. Default: the system's resolvers.")(f)
+            help="DNS server for handle verification, used as given (a local resolver is fine). "
+                 "Default: the system's resolvers.")(f)
     f = opt("--plc-url", default="https://plc.directory", show_default=True,
-            help="PLC directory that resolves did:plc.")(f)
+            help="PLC directory that resolves did:plc, used as given (a local mirror is fine).")(f)
     f = opt("--resolve-timeout", type=click.FloatRange(min=0.01), default=5.0, show_default=True,
             metavar="SECONDS",
             help="Longest an event waits for its new author's resolution before the user is "

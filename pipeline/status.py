@@ -32,6 +32,7 @@ from pipeline.options import (
 )
 
 RECORD_TABLES = ("posts", "likes", "reposts", "follows", "blocks", "records")
+NO_REASON = "no reason recorded"  # users written before the reasons were
 RAW_PREVIEW_CHARS = 80
 _FINGERPRINT_BYTES = 64 * 1024  # what FileSource hashes into a replay cursor's name
 
@@ -71,6 +72,7 @@ class Status:
     cursors: list[CursorInfo]
     incomplete_users: int
     incomplete_due: int
+    incomplete_reasons: dict[str, int]  # by the reason of each one's last failed resolution
     dead_letters: dict[str, int]
     dead_letters_total: int
     shards: list[ShardInfo]
@@ -78,7 +80,8 @@ class Status:
     def as_dict(self) -> dict[str, Any]:
         return {
             "cursors": [asdict(c) for c in self.cursors],
-            "incomplete_users": {"total": self.incomplete_users, "due": self.incomplete_due},
+            "incomplete_users": {"total": self.incomplete_users, "due": self.incomplete_due,
+                                 "by_reason": self.incomplete_reasons},
             "dead_letters": {"total": self.dead_letters_total, "by_reason": self.dead_letters},
             "shards": [{"shard": s.shard, "users": s.users, **s.tables, "total": s.total}
                        for s in self.shards],
@@ -141,6 +144,11 @@ def collect(conn: psycopg.Connection, shards: int) -> Status:
         incomplete, due = conn.execute(
             "SELECT count(*), count(*) FILTER (WHERE refresh_after <= now())"
             " FROM users WHERE incomplete").fetchone()
+        why: dict[str, int] = {}
+        for reason, n in conn.execute(
+                "SELECT split_part(resolve_error, ':', 1) AS reason, count(*) FROM users"
+                " WHERE incomplete GROUP BY reason ORDER BY count(*) DESC, reason"):
+            why[reason or NO_REASON] = n
         reasons: dict[str, int] = {}
         for reason, n in conn.execute(
                 "SELECT split_part(error, ':', 1) AS reason, count(*) FROM dead_letters"
@@ -158,7 +166,7 @@ def collect(conn: psycopg.Connection, shards: int) -> Status:
                    f" GROUP BY s")
             for k, n in conn.execute(sql):
                 by_shard[k].tables[table] = n
-    return Status(cursors, incomplete, due, reasons, sum(reasons.values()),
+    return Status(cursors, incomplete, due, why, reasons, sum(reasons.values()),
                   [by_shard[k] for k in range(shards)])
 
 
@@ -207,8 +215,10 @@ def render(status: Status) -> str:
         out += ["  " + s for s in _table(["name", "value", "updated", "progress"], rows, {1})]
     else:
         out.append("  (none)")
-    out += ["", f"incomplete users  {status.incomplete_users} ({status.incomplete_due} due for refresh)",
-            "", f"dead letters      {status.dead_letters_total}"]
+    out += ["", f"incomplete users  {status.incomplete_users}"
+                f" ({status.incomplete_due} due for refresh)"]
+    out += [f"  {n:>8}  {reason}" for reason, n in status.incomplete_reasons.items()]
+    out += ["", f"dead letters      {status.dead_letters_total}"]
     for reason, n in status.dead_letters.items():
         out.append(f"  {n:>8}  {reason}")
     header = ["shard", "users", *RECORD_TABLES, "total"]
@@ -229,7 +239,7 @@ def render(status: Status) -> str:
 @database_options
 @common_options
 def status(shards: int, as_json: bool, dsn: str | None, data_dir: str, log_level: str) -> None:
-    """Cursors and lag, incomplete users, dead letters by reason, rows per shard."""
+    """Cursors and lag, incomplete users and dead letters by reason, rows per shard."""
     setup_logging(log_level)
     dsn = resolve_dsn(dsn, data_dir)
     conn = open_database(dsn)

@@ -7,6 +7,13 @@ from typing import Any
 
 from shards.stats import Histogram, ShardStats
 
+_REFUSED = "refused."  # identity counters of refused addresses, by kind
+
+
+def _kinds(counts: dict[str, int]) -> str:
+    """"loopback 3, private 1": most first."""
+    return ", ".join(f"{kind} {n}" for kind, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
 
 @dataclass
 class ShardFigures:
@@ -33,6 +40,7 @@ class Summary:
     users_created: int
     users_fallback: int
     users_unverified: int
+    users_refused: int
     elapsed: float
     events_per_second: float
     latency_p50_ms: float | None
@@ -49,6 +57,7 @@ class Summary:
     verify_failures: dict[str, int] = field(default_factory=dict)
     frame_time: float | None = None
     identity: dict[str, int] = field(default_factory=dict)
+    refusals: dict[str, int] = field(default_factory=dict)  # by kind of address refused
     shards: list[ShardFigures] = field(default_factory=list)
     latency: Histogram = field(default_factory=Histogram)
 
@@ -96,6 +105,7 @@ class Summary:
             users_created=sum(s.users_created for s in shard_stats),
             users_fallback=sum(s.users_fallback for s in shard_stats),
             users_unverified=sum(s.users_unverified for s in shard_stats),
+            users_refused=sum(s.users_refused for s in shard_stats),
             elapsed=elapsed, events_per_second=(committed + dead_letters) / elapsed if elapsed else 0.0,
             latency_p50_ms=None if p50 is None else p50 * 1000,
             latency_p99_ms=None if p99 is None else p99 * 1000,
@@ -106,6 +116,8 @@ class Summary:
             skipped={k: v for k, v in skipped.items() if v}, verify_failures=dict(failures),
             frame_time=frame_time,
             identity=dict(identity), shards=[figures[k] for k in sorted(figures)], latency=latency,
+            refusals={k[len(_REFUSED):]: v for k, v in sorted(identity.items())
+                      if k.startswith(_REFUSED) and v},
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -146,5 +158,19 @@ class Summary:
             )
         if self.identity:
             lines.append("identity          " + ", ".join(
-                f"{k} {v}" for k, v in sorted(self.identity.items()) if v))
+                f"{k} {v}" for k, v in sorted(self.identity.items())
+                if v and not k.startswith(_REFUSED)))
+        if self.refusals:
+            lines.append(f"refused addresses {sum(self.refusals.values())}"
+                         f" ({_kinds(self.refusals)}): hosts named by the network's data must be"
+                         " public unless --allow-private-addresses")
         return "\n".join(lines)
+
+    def refusal_warning(self) -> str | None:
+        """A warning when every new user's lookup was refused: most likely a setting, not data."""
+        if not self.users_created or self.users_refused < self.users_created:
+            return None
+        return (f"every new user's lookup was refused ({self.users_refused} of"
+                f" {self.users_created}): the hosts their DID documents, handles or redirects name"
+                f" resolve to non-public addresses ({_kinds(self.refusals)}); only"
+                " --allow-private-addresses lets the network's data reach such addresses")

@@ -13,6 +13,7 @@ from psycopg_pool import ConnectionPool
 from common.routing import sql_shard_expr
 from shards.identity.directory import (
     INVALID_HANDLE, DIDNotFound, Directory, Identity, IdentityError, ResolutionFailed,
+    failure_reason,
 )
 from shards.store.writes import lock_users
 
@@ -37,19 +38,23 @@ class RefreshResult:
         return self
 
 
+# A complete user keeps no error; an incomplete one the newest it was given, if any.
 _UPDATE = (
     "UPDATE users SET handle = %s, handle_verified = %s, pds = %s, incomplete = %s,"
+    " resolve_error = CASE WHEN %s THEN coalesce(%s, resolve_error) END,"
     " refresh_attempts = 0, refresh_after = now(), updated_at = now() WHERE did = %s"
 )
 _FAILED = (
-    "UPDATE users SET refresh_attempts = refresh_attempts + 1,"
+    "UPDATE users SET refresh_attempts = refresh_attempts + 1, resolve_error = %s,"
     " refresh_after = now() + make_interval(secs => least(%s * power(2, refresh_attempts), %s))"
     " WHERE did = %s"
 )
 
 
-def _row(ident: Identity) -> tuple[object, ...]:
-    return (ident.handle, ident.handle_verified, ident.pds, not ident.complete, ident.did)
+def _row(ident: Identity, error: str | None = None) -> tuple[object, ...]:
+    incomplete = not ident.complete
+    return (ident.handle, ident.handle_verified, ident.pds, incomplete, incomplete, error,
+            ident.did)
 
 
 class Refresher:
@@ -129,19 +134,21 @@ class Refresher:
             ).fetchall()
         return [r[0] for r in rows]
 
-    def _resolve(self, did: str) -> Identity | IdentityError:
+    def _resolve(self, did: str) -> tuple[Identity | None, str | None]:
+        """What is known of `did` now (None: nothing), and why it is not complete, if it is not."""
         try:
             ident = self._directory.resolve_did(did)
         except DIDNotFound:
-            return Identity(did, INVALID_HANDLE)
+            return Identity(did, INVALID_HANDLE), None
         except IdentityError as exc:
-            return exc
+            return None, failure_reason(exc)
         if ident.complete:
-            return ident
+            return ident, None
         try:
-            return self._directory.verify(ident)
-        except ResolutionFailed:
-            return ident  # the claimed handle, unverified: tried again after a backoff
+            return self._directory.verify(ident), None
+        except ResolutionFailed as exc:
+            # The claimed handle, unverified: tried again after a backoff.
+            return ident, failure_reason(exc)
 
     def _refresh(self, dids: list[str]) -> RefreshResult:
         """Resolves with no connection held, then writes every outcome in one transaction."""
@@ -149,9 +156,10 @@ class Refresher:
             self._directory.purge(did)
         with ThreadPoolExecutor(self._concurrency, thread_name_prefix=self.name) as ex:
             outcomes = list(ex.map(self._resolve, dids))
-        done = [_row(o) for o in outcomes if isinstance(o, Identity)]
-        failed = [(FIRST_BACKOFF, MAX_BACKOFF, d) for d, o in zip(dids, outcomes)
-                  if not (isinstance(o, Identity) and o.complete)]
+        done = [_row(ident, error) for ident, error in outcomes if ident is not None]
+        failed = [(error, FIRST_BACKOFF, MAX_BACKOFF, did)
+                  for did, (ident, error) in zip(dids, outcomes)
+                  if ident is None or not ident.complete]
         try:
             with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
                 lock_users(cur, dids)

@@ -45,6 +45,7 @@ class ShardStats:
     users_created: int = 0
     users_fallback: int = 0
     users_unverified: int = 0
+    users_refused: int = 0  # written incomplete because an address was refused
     transactions: int = 0
     db_retries: int = 0
     active_user_creations: int = 0

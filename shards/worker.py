@@ -182,6 +182,7 @@ class ShardWorker:
                     self.stats.users_created += 1
                     self.stats.users_fallback += user.fallback
                     self.stats.users_unverified += (not user.fallback and user.incomplete)
+                    self.stats.users_refused += user.refused
                     txn.changes.users.append(user.row())
                     self.known.add(pending.did)
                 self._ready(pending.events, txn, now, pending.identity, resolved=True)

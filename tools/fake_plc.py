@@ -28,7 +28,8 @@ import orjson
 
 PROFILES = ("healthy", "slow", "hang", "down", "never")
 MAX_HEAD = 64 * 1024  # a request head larger than this is refused (400)
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 501: "Not Implemented"}
+_REASONS = {200: "OK", 302: "Found", 400: "Bad Request", 404: "Not Found",
+            501: "Not Implemented"}
 
 
 @dataclass
@@ -51,11 +52,14 @@ class Behaviour:
         return int.from_bytes(h[:8], "big") < self.slow_fraction * 2**64
 
 
-def http_response(status: int, body: bytes, *, close: bool = False) -> bytes:
+def http_response(status: int, body: bytes, *, close: bool = False,
+                  location: str | None = None) -> bytes:
     """A complete HTTP/1.1 response with a JSON body, ready for the socket."""
     head = (f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
             f"Content-Type: application/json; charset=utf-8\r\n"
             f"Content-Length: {len(body)}\r\n")
+    if location is not None:
+        head += f"Location: {location}\r\n"
     if close:
         head += "Connection: close\r\n"
     return head.encode() + b"\r\n" + body
@@ -358,6 +362,7 @@ class FakePLC:
         self.port = port
         self._listener: _Listener | None = None
         self._responses: dict[str, _Cached] = {}
+        self._redirects: dict[str, bytes] = {}
         self._counts: Counter[str] = Counter()
         self._total = 0
         self._counted = threading.Condition()
@@ -420,8 +425,15 @@ class FakePLC:
         if listener is not None:
             listener.release(did)
 
+    def redirect(self, did: str, location: str) -> None:
+        """Answers `did` with a 302 to `location` from now on, as a directory that moved might."""
+        self._redirects[did] = http_response(302, b"{}", location=location)
+
     def _response_for(self, did: str) -> bytes:
         """The response bytes for `did`, built once per document (a replaced document is rebuilt)."""
+        moved = self._redirects.get(did)
+        if moved is not None:
+            return moved
         doc = self.docs.get(did)
         if doc is None:
             return http_response(404, orjson.dumps({"message": f"DID not registered: {did}"}))

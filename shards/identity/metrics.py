@@ -3,6 +3,8 @@
 Keys (dotted; the exporter turns the middle parts into labels):
   resolution.<method>.<result>  method: plc, web, dns, https
                                 result: ok, not_found, failed, mismatch, refused
+  refused.<kind>                lookups refused by the kind of address their host resolved to
+                                (loopback, private, link-local, ...: see addresses.address_kind)
   cache.hit, cache.miss, cache.coalesced, cache.size (gauge)
   breaker.trips, breaker.rejected, breaker.open (gauge: circuits now open)
   breaker.state.<upstream> (gauge: 0 closed, 1 open, 2 half-open/ready to probe)
@@ -38,6 +40,11 @@ class Counters:
     def resolution(self, method: str, result: str) -> None:
         """Counts one answer of one resolution method."""
         self.inc(f"resolution.{method}.{result}")
+
+    def refused(self, method: str, kind: str) -> None:
+        """Counts one lookup refused because its host resolved to a `kind` address."""
+        self.inc(f"resolution.{method}.refused")
+        self.inc(f"refused.{kind}")
 
     def get(self, key: str) -> int:
         return self.snapshot().get(key, 0)

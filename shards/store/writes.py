@@ -28,7 +28,7 @@ COLUMNS = {
     "blocks": ("uri", "cid", "author_did", "subject_did", "created_at"),
     "records": ("uri", "cid", "author_did", "collection", "record"),
 }
-USER_COLUMNS = ("did", "handle", "incomplete", "handle_verified", "pds")
+USER_COLUMNS = ("did", "handle", "incomplete", "handle_verified", "pds", "resolve_error")
 
 
 def _str(value: Any) -> str | None:
@@ -130,7 +130,8 @@ STAGING = [
     for t in COLUMNS
 ] + [
     "CREATE TEMP TABLE IF NOT EXISTS stage_users"
-    " (did text, handle text, incomplete boolean, handle_verified boolean, pds text)"
+    " (did text, handle text, incomplete boolean, handle_verified boolean, pds text,"
+    " resolve_error text)"
     " ON COMMIT DELETE ROWS"
 ]
 
@@ -253,7 +254,8 @@ def _apply_rest(cur: psycopg.Cursor, changes: Changes) -> None:
         )
     if changes.identities:
         cur.execute(
-            "UPDATE users SET incomplete = true, refresh_after = now(), refresh_attempts = 0"
+            "UPDATE users SET incomplete = true, refresh_after = now(), refresh_attempts = 0,"
+            " resolve_error = coalesce(resolve_error, 'identity event: to be resolved again')"
             " WHERE did = ANY(%s)",
             (list(changes.identities),),
         )
