@@ -217,8 +217,8 @@ def open_source(replay: str | None, replay_format: str, jetstream: str | None,
 @opt("--events", type=click.IntRange(min=1), default=None, metavar="N",
      help="Stop after this many frames (firehose) or events (Jetstream).")
 @opt("--cursor", type=click.IntRange(min=1), default=None, metavar="CURSOR",
-     help="Start here (a seq for the firehose, a time in unix microseconds for Jetstream). "
-          "Default: the live stream.")
+     help="Start here: a seq for the firehose (the frames after it), a time in unix "
+          "microseconds for Jetstream. Default: the live stream.")
 @common_options
 def record_command(firehose: str | None, jetstream: str | None, out: str, seconds: float | None,
                    events: int | None, cursor: int | None, log_level: str) -> None:

@@ -30,6 +30,7 @@ from pipeline.options import (
     resolve_dsn,
     setup_logging,
 )
+from pipeline.sources.streams import compression
 
 RECORD_TABLES = ("posts", "likes", "reposts", "follows", "blocks", "records")
 NO_REASON = "no reason recorded"  # users written before the reasons were
@@ -96,8 +97,8 @@ def reason_of(error: str) -> str:
 def replay_progress(name: str, offset: int) -> tuple[int | None, float | None, str | None]:
     """Size and percentage for a `replay:/abs/path#fingerprint` cursor, if the file is still there.
 
-    Offsets count uncompressed bytes, so a gzip file has no honest percentage; a file whose head
-    no longer matches the fingerprint is a different file and gets none either."""
+    Offsets count uncompressed bytes, so a gzip or zstd file has no honest percentage; a file
+    whose head no longer matches the fingerprint is a different file and gets none either."""
     rest = name[len("replay:"):]
     path, _, fingerprint = rest.rpartition("#")
     if not path or not os.path.isabs(path):
@@ -110,8 +111,9 @@ def replay_progress(name: str, offset: int) -> tuple[int | None, float | None, s
         return None, None, "file gone"
     if fingerprint and hashlib.sha256(head).hexdigest()[:len(fingerprint)] != fingerprint:
         return size, None, "file changed"
-    if head[:2] == b"\x1f\x8b":
-        return size, None, "gzip: offset is uncompressed"
+    kind = compression(head)
+    if kind != "plain":
+        return size, None, f"{kind}: offset is uncompressed"
     return size, (100.0 * offset / size if size else 100.0), None
 
 

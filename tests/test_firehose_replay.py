@@ -146,18 +146,22 @@ def test_bad_frames_are_dead_letters_at_their_byte_offset(dsn: str, tmp_path) ->
     good = list(corpus_frames()[:3])
     bad = [b"\xff\x00 not CBOR", good[1][:200],  # not CBOR; cut short
            frame("#commit", {"repo": "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa"}),  # no fields
-           frame("#tooBig", {"note": "a kind this pipeline does not know"})]
+           frame("#newKind", {"note": "a kind this pipeline does not know"})]
+    big = libipld.decode_dag_cbor_multi(good[2])[1]  # a commit whose blocks the relay left out
+    bad.append(frame("#commit", {**big, "tooBig": True, "blocks": b"", "ops": [],
+                                 "seq": big["seq"] - 1}))
     path = tmp_path / "bad.bin.zst"
     path.write_bytes(recording([good[0], *bad, good[2]]))
     offsets, at = [], 0
-    for f in [good[0], *bad, good[2]]:
+    for f in [good[0], *bad]:
         offsets.append(at)
         at += 4 + len(f)
     with fake_network(DOCS) as net:
         result = replay(dsn, net, path)
     assert "committed         3" in result.stdout, result.stdout  # two commits, one unknown kind
-    assert "kind #tooBig: 1" in result.stdout
+    assert "kind #newKind: 1" in result.stdout
     letters = query(dsn, "SELECT position, error FROM dead_letters ORDER BY position")
-    assert [p for p, _ in letters] == offsets[1:4]
+    assert [p for p, _ in letters] == [*offsets[1:4], offsets[5]]
     assert letters[0][1].startswith("not CBOR") and letters[1][1] == "truncated frame"
     assert letters[2][1].startswith("commit missing")
+    assert letters[3][1].startswith("tooBig")
