@@ -297,7 +297,8 @@ def refresh_users(due_only: bool, resolve_timeout: float, max_user_creations: in
 @opt("--lock-ttl", type=click.FloatRange(min=1), default=15.0, show_default=True,
      metavar="SECONDS",
      help="Lifetime of the shard's lock, renewed every third of it: how long a killed worker's "
-          "shard stays locked before a new worker can take over its pending entries.")
+          "shard stays locked before a new worker can take over its pending entries. A "
+          "transaction of this worker left idle that long is ended by the database.")
 @opt("--refresh-interval", type=click.FloatRange(min=1), default=30.0, show_default=True,
      metavar="SECONDS", help="Pause between passes of this worker's refresher of incomplete users.")
 @opt("--no-verify", is_flag=True, default=False,
@@ -313,7 +314,8 @@ def worker(shard: int, shards: int, transport: str, pool_size: int | None, pool_
     """One shard worker fed over Redis Streams, until SIGTERM/SIGINT (drains, then exits 0).
 
     Exits 0 at once when shard K already has a live worker, so cron can start it every minute.
-    On start it takes over the entries a dead worker of the shard left pending.
+    On start it raises the shard's epoch in PostgreSQL, so that a worker it replaces can no
+    longer commit (that one exits 1), then takes over the entries it left pending.
 
     \b
     Example (crontab on a worker machine, one line per shard):
@@ -356,6 +358,7 @@ def worker(shard: int, shards: int, transport: str, pool_size: int | None, pool_
     import redis
 
     from pipeline.transport.redis import RedisWorkerLink, ShardLock, connect, describe
+    from shards.store.fence import StaleEpoch, take_over
 
     client = connect(url)
     lock = ShardLock(client, shard, ttl=lock_ttl,
@@ -369,25 +372,30 @@ def worker(shard: int, shards: int, transport: str, pool_size: int | None, pool_
         sys.exit(RET_OK)
     code = RET_OK
     try:
-        dsn = resolve_dsn(dsn, data_dir)
-        open_database(dsn, f"pipeline-shard-{shard}").close()
         from shards.worker import ShardWorker, WorkerConfig
 
+        dsn = resolve_dsn(dsn, data_dir)
+        # The epoch is raised before anything pending is claimed: from here on, nothing the
+        # previous worker still had in hand can commit.
+        with open_database(dsn, f"pipeline-shard-{shard}") as conn:
+            fence = take_over(conn, shard, lock.token.decode())
+        log.info("shard %d: took the shard over at epoch %d", shard, fence.epoch)
         identity = identity_config(plc_url, dns_server, allow_private_addresses, resolve_timeout)
         log.info("shard %d: %s", shard, start_line(identity, dsn, redis=url))
         config = WorkerConfig(
             shard=shard, shards=shards, dsn=dsn, pool_size=pool_size,
             slots=max(1, max_user_creations // shards), resolve_timeout=resolve_timeout,
             identity=identity,
-            source="redis", refresh_interval=refresh_interval, log_level=log_level.upper(),
-            log_format=log_format(), verify=not no_verify,
+            source="redis", refresh_interval=refresh_interval, epoch=fence.epoch,
+            lease=lock_ttl, log_level=log_level.upper(), log_format=log_format(),
+            verify=not no_verify,
         )
         holder: dict[str, Any] = {}
 
         def on_source(name: str) -> None:  # dead letters name the source of their batch
             holder["w"].config = dataclasses.replace(holder["w"].config, source=name)
 
-        link = RedisWorkerLink(client, shard, shards, on_source=on_source)
+        link = RedisWorkerLink(client, shard, shards, lock, on_source=on_source)
         try:
             holder["w"] = ShardWorker(config, link)  # type: ignore[arg-type]
             state["link"] = link
@@ -403,6 +411,10 @@ def worker(shard: int, shards: int, transport: str, pool_size: int | None, pool_
                    f" ({link.reclaimed} taken over from a previous worker)")
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else RET_ERROR
+    except StaleEpoch as exc:
+        click.echo(f"pipeline: {exc}: this worker stops; its last transaction rolled back and "
+                   f"is left to the new worker", err=True)
+        code = RET_ERROR
     except Exception:
         log.exception("shard %d: worker failed", shard)
         code = RET_ERROR

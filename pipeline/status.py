@@ -61,6 +61,7 @@ class ShardInfo:
     shard: int
     users: int = 0
     tables: dict[str, int] = field(default_factory=lambda: {t: 0 for t in RECORD_TABLES})
+    epoch: int | None = None  # raised by each Redis worker that took the shard over
 
     @property
     def total(self) -> int:
@@ -84,8 +85,8 @@ class Status:
             "incomplete_users": {"total": self.incomplete_users, "due": self.incomplete_due,
                                  "by_reason": self.incomplete_reasons},
             "dead_letters": {"total": self.dead_letters_total, "by_reason": self.dead_letters},
-            "shards": [{"shard": s.shard, "users": s.users, **s.tables, "total": s.total}
-                       for s in self.shards],
+            "shards": [{"shard": s.shard, "users": s.users, **s.tables, "total": s.total,
+                        "epoch": s.epoch} for s in self.shards],
         }
 
 
@@ -168,6 +169,9 @@ def collect(conn: psycopg.Connection, shards: int) -> Status:
                    f" GROUP BY s")
             for k, n in conn.execute(sql):
                 by_shard[k].tables[table] = n
+        for k, epoch in conn.execute("SELECT shard, epoch FROM shard_epochs"):
+            if k in by_shard:
+                by_shard[k].epoch = epoch
     return Status(cursors, incomplete, due, why, reasons, sum(reasons.values()),
                   [by_shard[k] for k in range(shards)])
 
@@ -229,6 +233,11 @@ def render(status: Status) -> str:
     rows.append(["all", str(sum(s.users for s in status.shards)),
                  *(str(sum(s.tables[t] for s in status.shards)) for t in RECORD_TABLES),
                  str(sum(s.total for s in status.shards))])
+    if any(s.epoch is not None for s in status.shards):  # shards served by Redis workers
+        header.append("epoch")
+        for row, s in zip(rows, status.shards):
+            row.append("-" if s.epoch is None else str(s.epoch))
+        rows[-1].append("")
     out += ["", f"per shard (of {len(status.shards)}, by DID)"]
     out += ["  " + s for s in _table(header, rows, set(range(1, len(header))))]
     return "\n".join(out)
@@ -241,7 +250,8 @@ def render(status: Status) -> str:
 @database_options
 @common_options
 def status(shards: int, as_json: bool, dsn: str | None, data_dir: str, log_level: str) -> None:
-    """Cursors and lag, incomplete users and dead letters by reason, rows per shard."""
+    """Cursors and lag, incomplete users and dead letters by reason, rows per shard (and the
+    epoch of each shard a Redis worker took over)."""
     setup_logging(log_level)
     dsn = resolve_dsn(dsn, data_dir)
     conn = open_database(dsn)

@@ -15,6 +15,8 @@ from shards.identity.directory import (
     INVALID_HANDLE, DIDNotFound, Directory, Identity, IdentityError, ResolutionFailed,
     failure_reason,
 )
+from shards.store.fence import Fence, StaleEpoch
+from shards.store.pool import RETRYABLE
 from shards.store.writes import lock_users
 
 log = logging.getLogger("pipeline.refresher")
@@ -58,17 +60,22 @@ def _row(ident: Identity, error: str | None = None) -> tuple[object, ...]:
 
 
 class Refresher:
-    """Per shard (or for all shards when `shard` is None): select due users, resolve, update."""
+    """Per shard (or for all shards when `shard` is None): select due users, resolve, update.
+
+    With a fence (a Redis worker's), a pass that finds its shard taken over stops the refresher
+    and leaves the StaleEpoch in `fenced` for the worker to stop on."""
 
     def __init__(self, pool: ConnectionPool, directory: Directory, shard: int | None = None,
                  shards: int = 1, interval: float = 30.0, page: int = 200,
-                 concurrency: int = 8) -> None:
+                 concurrency: int = 8, fence: Fence | None = None) -> None:
         self._pool = pool
         self._directory = directory
         self._where = "" if shard is None else f" AND {sql_shard_expr('did', shards)} = {int(shard)}"
         self._interval = interval
         self._page = page
         self._concurrency = concurrency
+        self._fence = fence
+        self.fenced: StaleEpoch | None = None
         self._late: queue.SimpleQueue[Identity] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -94,6 +101,9 @@ class Refresher:
         while not self._stop.wait(self._interval):
             try:
                 self.run_pass(due_only=True)
+            except StaleEpoch as exc:
+                self.fenced = exc
+                return
             except Exception:  # never let the loop die; the next pass tries again
                 log.exception("%s: pass failed", self.name)
 
@@ -117,8 +127,13 @@ class Refresher:
             rows.append(_row(self._late.get()))
         if rows:
             with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                self._check(cur)
                 lock_users(cur, (row[-1] for row in rows))
                 cur.executemany(_UPDATE + " AND incomplete", rows)
+
+    def _check(self, cur: psycopg.Cursor) -> None:
+        if self._fence is not None:
+            self._fence.check(cur)
 
     def _count_due(self) -> int:
         with self._pool.connection() as conn:
@@ -162,11 +177,12 @@ class Refresher:
                   if ident is None or not ident.complete]
         try:
             with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                self._check(cur)
                 lock_users(cur, dids)
                 if done:
                     cur.executemany(_UPDATE, done)
                 if failed:
                     cur.executemany(_FAILED, failed)
-        except psycopg.OperationalError as exc:
+        except RETRYABLE as exc:
             log.warning("%s: could not save results: %s", self.name, exc)
         return RefreshResult(len(dids), len(dids) - len(failed), len(failed))

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from enum import IntEnum
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import psycopg
 
+from common import stop_signals
 from common.logs import configure
 from shards import collector
 from shards.events import BadEvent, Event, decode
@@ -26,7 +27,8 @@ from shards.frames import decode as decode_frame
 from shards.identity import Identity, IdentityConfig, build_directory
 from shards.refresher import Refresher
 from shards.stats import ShardStats
-from shards.store.pool import open_pool
+from shards.store.fence import Fence
+from shards.store.pool import RETRYABLE, open_pool
 from shards.store.writes import Changes, Writer, existing_users, repo_states
 from shards.users import UserCreations
 
@@ -55,6 +57,11 @@ class WorkerConfig:
     refresh_interval: float = 30.0
     end_wait: float = 1.0  # once the source has ended, the longest a new author is waited for
     known_capacity: int = 1_000_000
+    # Redis workers: the epoch this worker took the shard over with, checked by every write
+    # transaction, and the lease after which the server ends a transaction left idle. Local
+    # workers are restarted only once seen dead, so they have neither.
+    epoch: int | None = None
+    lease: float | None = None
     log_level: str = "WARNING"
     log_format: str = "text"
     verify: bool = True  # firehose commits: check hashes, signature and tree before writing
@@ -134,15 +141,16 @@ class ShardWorker:
         self.conn = conn
         self.stats = ShardStats(config.shard)
         name = f"pipeline-shard-{config.shard}"
-        self.pool = open_pool(config.dsn, config.pool_size, name)
+        self.pool = open_pool(config.dsn, config.pool_size, name, idle_in_transaction=config.lease)
         self.directory = build_directory(config.identity)
+        fence = None if config.epoch is None else Fence(config.shard, config.epoch)
         self.refresher = Refresher(self.pool, self.directory, config.shard, config.shards,
-                                   interval=config.refresh_interval)
+                                   interval=config.refresh_interval, fence=fence)
         self.users = UserCreations(self.directory, config.slots, config.resolve_timeout,
                                    wake=None, late=self.refresher.offer)
         self.known = KnownDIDs(config.known_capacity)
         self.frames = Frames(config.verify)
-        self.writer = Writer()
+        self.writer = Writer(fence)
         self.batches: dict[int, list[float]] = {}  # batch id -> [read time, events not yet committed]
         self.stopping = False
 
@@ -153,6 +161,8 @@ class ShardWorker:
         last_stats = time.monotonic()
         txn = OpenWrite()
         while not (self.stopping and not self.users.pending and not txn.changes):
+            if self.refresher.fenced is not None:
+                raise self.refresher.fenced
             now = time.monotonic()
             timeout = 0.5
             deadline = self.users.next_deadline()
@@ -264,7 +274,7 @@ class ShardWorker:
                     if repos:
                         self.frames.load(repo_states(conn, repos))
                     return existing_users(conn, dids) if dids else set()
-            except psycopg.OperationalError as exc:
+            except RETRYABLE as exc:
                 self._backoff(attempt, exc)
         raise AssertionError("unreachable")
 
@@ -337,7 +347,7 @@ class ShardWorker:
                 with self.pool.connection() as conn:
                     self.writer.write(conn, changes)
                 break
-            except psycopg.OperationalError as exc:
+            except RETRYABLE as exc:
                 self._backoff(attempt, exc)
                 attempt += 1
             except psycopg.Error as exc:
@@ -379,7 +389,7 @@ class ShardWorker:
             for item, single in units:
                 try:
                     self.writer.write(conn, single)
-                except psycopg.OperationalError:
+                except RETRYABLE:
                     raise
                 except psycopg.Error as exc:
                     reason = f"rejected by database: {str(exc).strip().splitlines()[0]}"
@@ -393,14 +403,28 @@ class ShardWorker:
                     self.stats.events_by_kind[item.kind] -= 1
 
 
+class WorkerExit(IntEnum):
+    """What a local worker's exit code says; a worker ended by a signal shows as minus its
+    number (multiprocessing's convention)."""
+
+    STOPPED = 0  # told to stop: everything it took is committed and acknowledged
+    FAILED = 1  # an unexpected error, logged with its traceback
+    ORPHANED = 3  # the supervisor went away: nobody left to acknowledge to
+
+
 def main(config: WorkerConfig, conn: Connection) -> None:
-    """Process entry point: the supervisor coordinates stopping, so SIGINT is left to it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """Process entry point. The supervisor decides when a worker stops, so the SIGINT and
+    SIGTERM that reach every process of the group (Ctrl-C, systemd) are ignored here."""
+    stop_signals.ignore()
     configure(config.log_level, config.log_format, f"shard-{config.shard}")
+    code = WorkerExit.STOPPED
     try:
         ShardWorker(config, conn).run()
     except (EOFError, BrokenPipeError, ConnectionResetError):
-        pass  # the supervisor is gone: nothing to acknowledge to
+        code = WorkerExit.ORPHANED
+    except Exception:
+        log.exception("shard %d: worker failed", config.shard)
+        code = WorkerExit.FAILED
     finally:
         conn.close()
-    os._exit(0)
+    os._exit(code)

@@ -9,6 +9,7 @@ import psycopg
 import pytest
 
 from common.routing import shard_for
+from shards.store.fence import take_over
 from tests.conftest import DATA, fake_network, identity_args, like, query, run_pipeline
 
 DOCS = json.loads((DATA / "did_docs.json").read_text())
@@ -60,11 +61,25 @@ def test_status_shows_cursor_dead_letters_incomplete_users_and_shards(dsn: str, 
         assert [s[table] for s in data["shards"]] == [owners.count(k) for k in range(2)], table
     assert sum(s["total"] for s in data["shards"]) == 13  # 14 good events, one a delete
     assert sum(s["likes"] for s in data["shards"]) >= 2  # the unknown author's among them
+    assert [s["epoch"] for s in data["shards"]] == [None, None]  # local workers take no epoch
+    assert "epoch" not in out
 
     # The same figures from the environment, as for every other command.
     env = run_pipeline("status", "--json", env={"PIPELINE_DSN": dsn, "PIPELINE_SHARDS": "2"})
     assert env.returncode == 0, env.stderr
     assert json.loads(env.stdout) == data
+
+
+def test_status_shows_the_epoch_of_each_shard_a_redis_worker_took_over(dsn: str, ran) -> None:
+    with psycopg.connect(dsn) as conn:
+        for holder in ("host-a:1:x", "host-b:2:y"):
+            take_over(conn, 1, holder)
+    out = run_pipeline("status", "--dsn", dsn, "--shards", "2").stdout
+    table = out.split("per shard", 1)[1].splitlines()
+    assert table[1].split()[-1] == "epoch"
+    assert [line.split()[-1] for line in table[3:5]] == ["-", "2"]
+    data = json.loads(run_pipeline("status", "--dsn", dsn, "--shards", "2", "--json").stdout)
+    assert [s["epoch"] for s in data["shards"]] == [None, 2]
 
 
 def test_status_of_a_jetstream_cursor_and_a_vanished_file(dsn: str, ran) -> None:

@@ -10,6 +10,7 @@ import orjson
 import psycopg
 
 from shards.events import Event
+from shards.store.fence import Fence
 
 PROFILE = "app.bsky.actor.profile"
 TABLES = {
@@ -172,16 +173,20 @@ class Writer:
     its key; the transaction then goes back to a savepoint and merges through the staging
     tables (INSERT ... ON CONFLICT), and so do the next MERGE_AFTER_CONFLICT transactions.
     Direct COPY costs the database a third less, and a transaction that never touches the
-    staging tables skips emptying them at commit."""
+    staging tables skips emptying them at commit. With a fence (Redis workers), each transaction
+    first checks that the shard's epoch is still the writer's."""
 
     MERGE_AFTER_CONFLICT = 100
 
-    def __init__(self) -> None:
+    def __init__(self, fence: Fence | None = None) -> None:
         self._merge = 0  # transactions left that go straight to the staging path
+        self.fence = fence
 
     def write(self, conn: psycopg.Connection, changes: Changes) -> None:
         """Deletes, then users and records, then profiles, accounts, identities, dead letters."""
         with conn.transaction(), conn.cursor() as cur:
+            if self.fence is not None:
+                self.fence.check(cur)
             for table, uris in changes.deletes.items():
                 if uris:
                     cur.execute(f"DELETE FROM {table} WHERE uri = ANY(%s)", (list(uris),))
