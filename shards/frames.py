@@ -3,9 +3,9 @@ author's key, and kept to one newer revision per repository.
 
 A frame's life: `decode` (no network, no database) reads it and, for a #commit, its CAR (every
 block's hash checked); the worker then finds the author's signing key in its DID document
-(cached by the identity layer, or resolved like a new user's identity), and `Frames.apply`
-checks the signature and tree proofs, skips a revision that is not newer than the last one
-applied, and hands the Events to the open transaction, with the new revision beside them."""
+(cached by the identity layer, or resolved like a new user's identity), `Frames.check` verifies
+the signature and tree proofs, and `Frames.admit` skips a revision that is not newer than the
+last one applied; the worker hands the Events to the open transaction with the new revision."""
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from shards.events import BadEvent, Event
+from shards.events import OPERATIONS, BadEvent, Event
 from shards.firehose.frames import BadFrame, parse_frame
 from shards.firehose.keys import SigningKey, signing_key
 from shards.firehose.verify import (
@@ -28,7 +28,6 @@ from shards.identity.directory import Identity
 from shards.syntax import is_nsid, is_record_key
 
 KINDS = {"#commit": "commit", "#identity": "identity", "#account": "account"}
-OPERATIONS = ("create", "update", "delete")
 KEY_UNAVAILABLE = "key unavailable"
 
 
