@@ -28,6 +28,7 @@ from pipeline.options import (
     open_database,
     opt,
     resolve_dsn,
+    server_label,
     setup_logging,
 )
 
@@ -68,6 +69,7 @@ class ShardInfo:
 
 @dataclass
 class Status:
+    server: str  # e.g. "PostgreSQL 18.6 (embedded, /srv/pipeline/.pipeline-data)"
     cursors: list[CursorInfo]
     incomplete_users: int
     incomplete_due: int
@@ -77,6 +79,7 @@ class Status:
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "server": self.server,
             "cursors": [asdict(c) for c in self.cursors],
             "incomplete_users": {"total": self.incomplete_users, "due": self.incomplete_due},
             "dead_letters": {"total": self.dead_letters_total, "by_reason": self.dead_letters},
@@ -125,7 +128,7 @@ def cursor_info(name: str, cursor: int, updated_at: datetime, now: float) -> Cur
     return info
 
 
-def collect(conn: psycopg.Connection, shards: int) -> Status:
+def collect(conn: psycopg.Connection, shards: int, server: str) -> Status:
     """Every figure in a handful of aggregate queries, one read-only snapshot."""
     now = time.time()
     with conn.transaction():
@@ -152,7 +155,7 @@ def collect(conn: psycopg.Connection, shards: int) -> Status:
                    f" GROUP BY s")
             for k, n in conn.execute(sql):
                 by_shard[k].tables[table] = n
-    return Status(cursors, incomplete, due, reasons, sum(reasons.values()),
+    return Status(server, cursors, incomplete, due, reasons, sum(reasons.values()),
                   [by_shard[k] for k in range(shards)])
 
 
@@ -181,7 +184,7 @@ def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[st
 
 
 def render(status: Status) -> str:
-    out: list[str] = ["cursors"]
+    out: list[str] = [f"server  {status.server}", "", "cursors"]
     if status.cursors:
         rows = []
         for c in status.cursors:
@@ -226,7 +229,7 @@ def status(shards: int, as_json: bool, dsn: str | None, data_dir: str, log_level
     dsn = resolve_dsn(dsn, data_dir)
     conn = open_database(dsn)
     try:
-        figures = collect(conn, shards)
+        figures = collect(conn, shards, server_label(conn, dsn))
     except psycopg.Error as exc:
         fail(f"database error: {_short(exc)}", RET_DATABASE)
     finally:
