@@ -105,6 +105,18 @@ def test_an_older_servers_data_dir_is_refused_and_left_as_it_is(old_data_dir: Pa
     assert snapshot(old_data_dir) == before
 
 
+def test_the_refusal_says_where_the_old_server_comes_from() -> None:
+    """pgserver 0.1.4 made the PostgreSQL 16 data dirs; a newer data dir needs a newer pipeline."""
+    data_dir = Path("/srv/pipeline/.pipeline-data")
+    old = embedded.refusal(data_dir, "16", "18.6")
+    assert (f"{sys.executable} -m pip install --no-deps --target /tmp/pgserver-0.1.4 "
+            f"pgserver==0.1.4 && {sys.executable} -m tools.upgrade_data_dir {data_dir} NEW_DIR "
+            f"--old-bin /tmp/pgserver-0.1.4/pgserver/pginstall/bin;") in old
+    newer = embedded.refusal(data_dir, "19", "18.6")
+    assert "Use the release of the pipeline that made it, or another --data-dir." in newer
+    assert "tools.upgrade_data_dir" not in newer
+
+
 def test_the_upgrade_tool_copies_every_row_and_only_reads_the_old_dir(old_data_dir: Path) -> None:
     pgdata = old_data_dir / embedded.SERVER_DIR
     docs = json.loads((DATA / "did_docs.json").read_text())
