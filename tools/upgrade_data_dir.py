@@ -169,7 +169,7 @@ def row_counts(conninfo: str) -> dict[str, int]:
 
 
 def _tool(name: str, *args: str) -> None:
-    """Runs one of the embedded server's client programs; its last error line is ours."""
+    """Runs one of the embedded server's client programs; its first error line is ours."""
     result = subprocess.run([str(embedded.bin_dir() / name), *args], capture_output=True,
                             text=True, stdin=subprocess.DEVNULL)
     if result.returncode:
@@ -180,7 +180,7 @@ def _tool(name: str, *args: str) -> None:
 
 def copy_databases(old: str, new: str, scratch: Path) -> list[tuple[str, int, int, int]]:
     """Dumps every database of `old` and restores it into `new`, checking its row counts;
-    returns (database, tables, rows, column options dropped) of each."""
+    returns (database, tables, rows, columns that lost options) of each."""
     done = []
     for dbname in databases(old):
         dropped = drop_unknown_column_options(_with_db(old, dbname))
