@@ -28,6 +28,7 @@ from pipeline.options import (
     open_database,
     opt,
     resolve_dsn,
+    server_label,
     setup_logging,
 )
 from pipeline.sources.streams import compression
@@ -71,6 +72,7 @@ class ShardInfo:
 
 @dataclass
 class Status:
+    server: str  # e.g. "PostgreSQL 18.6 (embedded, /srv/pipeline/.pipeline-data)"
     cursors: list[CursorInfo]
     incomplete_users: int
     incomplete_due: int
@@ -81,6 +83,7 @@ class Status:
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "server": self.server,
             "cursors": [asdict(c) for c in self.cursors],
             "incomplete_users": {"total": self.incomplete_users, "due": self.incomplete_due,
                                  "by_reason": self.incomplete_reasons},
@@ -137,7 +140,7 @@ def cursor_info(name: str, cursor: int, updated_at: datetime, now: float,
     return info
 
 
-def collect(conn: psycopg.Connection, shards: int) -> Status:
+def collect(conn: psycopg.Connection, shards: int, server: str) -> Status:
     """Every figure in a handful of aggregate queries, one read-only snapshot."""
     now = time.time()
     with conn.transaction():
@@ -172,7 +175,7 @@ def collect(conn: psycopg.Connection, shards: int) -> Status:
         for k, epoch in conn.execute("SELECT shard, epoch FROM shard_epochs"):
             if k in by_shard:
                 by_shard[k].epoch = epoch
-    return Status(cursors, incomplete, due, why, reasons, sum(reasons.values()),
+    return Status(server, cursors, incomplete, due, why, reasons, sum(reasons.values()),
                   [by_shard[k] for k in range(shards)])
 
 
@@ -201,7 +204,7 @@ def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[st
 
 
 def render(status: Status) -> str:
-    out: list[str] = ["cursors"]
+    out: list[str] = [f"server  {status.server}", "", "cursors"]
     if status.cursors:
         rows = []
         for c in status.cursors:
@@ -256,7 +259,7 @@ def status(shards: int, as_json: bool, dsn: str | None, data_dir: str, log_level
     dsn = resolve_dsn(dsn, data_dir)
     conn = open_database(dsn)
     try:
-        figures = collect(conn, shards)
+        figures = collect(conn, shards, server_label(conn, dsn))
     except psycopg.Error as exc:
         fail(f"database error: {_short(exc)}", RET_DATABASE)
     finally:
