@@ -47,7 +47,7 @@ def _short(exc: BaseException) -> str:
 def database_options(f: Callable[..., Any]) -> Callable[..., Any]:
     f = opt("--data-dir", default=embedded.DEFAULT_DATA_DIR, show_default=True,
             type=click.Path(file_okay=False),
-            help="Where the embedded PostgreSQL keeps its files (used when no --dsn).")(f)
+            help="Where the embedded PostgreSQL keeps its files, in DIR/pg (used when no --dsn).")(f)
     f = opt("--dsn", default=None, metavar="DSN",
             help="PostgreSQL connection string. Absent: an embedded server in --data-dir.")(f)
     return f
@@ -129,21 +129,32 @@ def resolve_dsn(dsn: str | None, data_dir: str) -> str:
     if dsn:
         return dsn
     try:
-        uri = embedded.start(data_dir)
+        return embedded.start(data_dir)
     except embedded.EmbeddedError as exc:
         fail(str(exc), RET_DATABASE)
-    click.echo(f"pipeline: using the embedded PostgreSQL in {os.path.abspath(data_dir)}", err=True)
-    return uri
+
+
+def server_label(conn: psycopg.Connection, dsn: str) -> str:
+    """Which server a command works on: "PostgreSQL 18.6 (embedded, DIR)" or its address."""
+    number = conn.info.server_version
+    version = f"PostgreSQL {number // 10000}.{number % 10000}"
+    data_dir = embedded.data_dir_of(dsn)
+    if data_dir is not None:
+        return f"{version} (embedded, {data_dir})"
+    info = conn.info
+    return f"{version} ({info.user}@{info.host}:{info.port}/{info.dbname})"
 
 
 def connect_database(dsn: str, application_name: str = "pipeline") -> psycopg.Connection:
-    """Connects; an unreachable server is one line and exit 3."""
+    """Connects and names the server on stderr; an unreachable one is one line and exit 3."""
     from shards.store.pool import connect
 
     try:
-        return connect(dsn, application_name, connect_timeout=10)
+        conn = connect(dsn, application_name, connect_timeout=10)
     except psycopg.Error as exc:
         fail(f"cannot connect to the database: {_short(exc)}", RET_DATABASE)
+    click.echo(f"pipeline: {server_label(conn, dsn)}", err=True)
+    return conn
 
 
 def open_database(dsn: str, application_name: str = "pipeline") -> psycopg.Connection:

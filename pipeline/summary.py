@@ -53,6 +53,9 @@ class Summary:
     progress: tuple[int, int | None]
     dead_reasons: dict[str, int] = field(default_factory=dict)
     events_by_kind: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+    verify_failures: dict[str, int] = field(default_factory=dict)
+    frame_time: float | None = None
     identity: dict[str, int] = field(default_factory=dict)
     refusals: dict[str, int] = field(default_factory=dict)  # by kind of address refused
     shards: list[ShardFigures] = field(default_factory=list)
@@ -62,9 +65,12 @@ class Summary:
     def collect(cls, *, source: str, events_read: int, committed: int, dead_letters: int,
                 elapsed: float, start_cursor: int | None, cursor: int | None, restarts: int,
                 shard_stats: list[ShardStats], current: dict[int, ShardStats | None],
-                progress: tuple[int, int | None]) -> Summary:
+                progress: tuple[int, int | None], source_skipped: int = 0) -> Summary:
         latency = Histogram()
         reasons: Counter[str] = Counter()
+        skipped: Counter[str] = Counter({"seq not above the previous": source_skipped})
+        failures: Counter[str] = Counter()
+        frame_time: float | None = None
         identity: Counter[str] = Counter()
         kinds: Counter[str] = Counter()
         figures = {k: ShardFigures(k) for k in current}
@@ -73,6 +79,10 @@ class Summary:
             reasons.update(s.dead_reasons)
             kinds.update(s.events_by_kind)
             identity.update(s.identity)
+            skipped.update(s.skipped)
+            failures.update(s.verify_failures)
+            if s.frame_time is not None:
+                frame_time = max(frame_time or 0.0, s.frame_time)
             f = figures.setdefault(s.shard, ShardFigures(s.shard))
             f.committed += s.committed
             f.users_created += s.users_created
@@ -103,6 +113,8 @@ class Summary:
             db_retries=sum(s.db_retries for s in shard_stats),
             transactions=sum(s.transactions for s in shard_stats),
             progress=progress, dead_reasons=dict(reasons), events_by_kind=dict(kinds),
+            skipped={k: v for k, v in skipped.items() if v}, verify_failures=dict(failures),
+            frame_time=frame_time,
             identity=dict(identity), shards=[figures[k] for k in sorted(figures)], latency=latency,
             refusals={k[len(_REFUSED):]: v for k, v in sorted(identity.items())
                       if k.startswith(_REFUSED) and v},
@@ -125,6 +137,11 @@ class Summary:
             f"dead-lettered     {self.dead_letters}"
             + (" (" + ", ".join(f"{k}: {v}" for k, v in sorted(self.dead_reasons.items())) + ")"
                if self.dead_reasons else ""),
+            *(["skipped           " + ", ".join(
+                f"{k}: {v}" for k, v in sorted(self.skipped.items()))] if self.skipped else []),
+            *(["verification      failed " + ", ".join(
+                f"{k}: {v}" for k, v in sorted(self.verify_failures.items()))]
+              if self.verify_failures else []),
             f"users created     {self.users_created} ({self.users_fallback} with the DID as"
             f" fallback handle, {self.users_unverified} with a handle not yet verified)",
             f"elapsed           {self.elapsed:.2f} s, {self.events_per_second:,.0f} events/s",

@@ -29,6 +29,7 @@ from common import stop_signals
 from common.routing import shard_for
 from pipeline.sources.base import Source, SourceError
 from pipeline.summary import Summary
+from shards.firehose.frames import route_key
 from shards.identity import IdentityConfig
 from shards.stats import ShardStats
 from shards.store.pool import Budget, connect
@@ -67,6 +68,7 @@ class RunOptions:
     log_format: str = "text"
     transport: str = "local"  # or a redis:// URL: workers are `pipeline worker` processes
     stream_limit: int = 200  # redis: most entries in a shard's stream before the reader waits
+    verify: bool = True  # firehose commits: check hashes, signature and tree before writing
 
 
 @dataclass(eq=False)
@@ -155,6 +157,7 @@ class Supervisor:
                  on_progress: Callable[[Summary], None] | None = None) -> None:
         self.o = options
         self.source = source
+        self.frames = getattr(source, "format", "jetstream") == "firehose"
         self.on_progress = on_progress
         self.per_shard_pool = Budget(options.pool_budget, options.shards).per_shard()
         self.slots = max(1, options.max_user_creations // options.shards)
@@ -252,6 +255,7 @@ class Supervisor:
             slots=self.slots, resolve_timeout=self.o.resolve_timeout, identity=self.o.identity,
             source=self.source.name, refresh_interval=self.o.refresh_interval,
             end_wait=self.o.end_wait, log_level=self.o.log_level, log_format=self.o.log_format,
+            verify=self.o.verify,
         )
         parent, child = self.ctx.Pipe(duplex=True)
         sp.process = self.ctx.Process(target=worker_main, args=(config, child),
@@ -346,9 +350,11 @@ class Supervisor:
 
     def _route(self, chunk: tuple[float, list[int], list[bytes], int]) -> None:
         read_time, positions, lines, next_pos = chunk
-        shards, shard_of = self.shards, self._shard_of
+        shards, shard_of, frames = self.shards, self._shard_of, self.frames
         for pos, raw in zip(positions, lines):
-            if raw.startswith(b'{"did":"'):
+            if frames:  # the frame's repo (or did) as it is sent, b"" when there is none
+                key = route_key(raw)[1]
+            elif raw.startswith(b'{"did":"'):
                 end = raw.find(b'"', 8)
                 key = raw[8:end] if end > 0 and b"\\" not in raw[8:end] else _did_of(raw)
             else:
@@ -563,9 +569,11 @@ class Supervisor:
                     self.db = connect(self.o.dsn, "pipeline", autocommit=True)
                     self.db.execute("SELECT pg_advisory_lock(%s)", (_lock_key(self.source.name),))
                 self.db.execute(
-                    "INSERT INTO cursors (name, cursor) VALUES (%s, %s) ON CONFLICT (name)"
-                    " DO UPDATE SET cursor = EXCLUDED.cursor, updated_at = now()",
-                    (self.source.name, mark),
+                    "INSERT INTO cursors (name, cursor, event_time) VALUES (%s, %s,"
+                    " to_timestamp(%s)) ON CONFLICT (name) DO UPDATE SET cursor = EXCLUDED.cursor,"
+                    " event_time = coalesce(EXCLUDED.event_time, cursors.event_time),"
+                    " updated_at = now()",
+                    (self.source.name, mark, self.frame_time()),
                 )
                 self.saved_cursor = mark
                 return
@@ -578,6 +586,12 @@ class Supervisor:
                     return
                 time.sleep(min(0.2 * 2**attempt, 3))
 
+    def frame_time(self) -> float | None:
+        """Unix time of the newest firehose frame committed (None for other sources)."""
+        times = [s.frame_time for sp in self.shards for s in (*sp.past, sp.stats)
+                 if s is not None and s.frame_time is not None]
+        return max(times, default=None)
+
     def summary(self) -> Summary:
         stats = [s for sp in self.shards for s in (*sp.past, sp.stats) if s is not None]
         return Summary.collect(
@@ -586,7 +600,7 @@ class Supervisor:
             start_cursor=self.start_cursor, cursor=self.saved_cursor,
             restarts=sum(sp.restarts for sp in self.shards), shard_stats=stats,
             current={sp.shard: sp.stats for sp in self.shards},
-            progress=self.source.progress,
+            progress=self.source.progress, source_skipped=getattr(self.source, "skipped", 0),
         )
 
 

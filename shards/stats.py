@@ -59,6 +59,9 @@ class ShardStats:
     identity: dict[str, int] = field(default_factory=dict)
     pool: dict[str, int] = field(default_factory=dict)
     refresher_backlog: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)  # frames acknowledged unwritten, why
+    verify_failures: Counter[str] = field(default_factory=Counter)  # firehose, by check
+    frame_time: float | None = None  # unix time of the newest firehose frame committed
 
     def gauges(self, active: int, pending: int) -> None:
         self.active_user_creations, self.pending_user_creations = active, pending

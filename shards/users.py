@@ -109,6 +109,12 @@ class Pending:
     holds_slot: bool = False
     stand_in: bool = False  # a thread was added while this one waits on a slow answer
     error: BaseException | None = None  # why the resolution or the handle check failed
+    create: bool = True  # a new user; False: a known one whose DID document (key) is needed
+
+    @property
+    def identity(self) -> Identity | None:
+        """What the resolution learnt in time: the whole answer, or the document alone."""
+        return self.result if self.result is not None else self.partial
 
 
 class UserCreations:
@@ -152,13 +158,14 @@ class UserCreations:
         self.active = 0
         self.coalesced = 0
 
-    def begin(self, did: str, received: float) -> Pending:
-        """The one resolution in flight for `did`, started if there is none."""
+    def begin(self, did: str, received: float, create: bool = True) -> Pending:
+        """The one resolution in flight for `did`, started if there is none. `create=False`
+        resolves a known author's DID document only (its signing key), without a users row."""
         pending = self.pending.get(did)
         if pending is not None:
             self.coalesced += 1
             return pending
-        pending = Pending(did, received + self._timeout)
+        pending = Pending(did, received + self._timeout, create=create)
         self.pending[did] = pending
         heapq.heappush(self._deadlines, (pending.deadline, next(self._seq), did))
         self._threads.submit(lambda: self._run(pending))
@@ -274,13 +281,13 @@ class UserCreations:
             self._finished.append(pending.did)
             if self._wake is not None:
                 self._wake()
-        elif result is not None:  # failures: the refresher retries on its own
+        elif result is not None and pending.create:  # failures: the refresher retries on its own
             self._late(result)
 
     def _resolve(self, pending: Pending) -> Identity:
         ident = self._directory.resolve_did(pending.did)
         pending.partial = ident
-        if ident.complete:
+        if ident.complete or not pending.create:
             return ident
         try:
             return self._directory.verify(ident)

@@ -22,12 +22,14 @@ from common import stop_signals
 from common.logs import configure
 from shards import collector
 from shards.events import BadEvent, Event, decode
-from shards.identity import IdentityConfig, build_directory
+from shards.frames import KEY_UNAVAILABLE, FrameEvent, Frames, Refused, frame_time
+from shards.frames import decode as decode_frame
+from shards.identity import Identity, IdentityConfig, build_directory
 from shards.refresher import Refresher
 from shards.stats import ShardStats
 from shards.store.fence import Fence
 from shards.store.pool import RETRYABLE, open_pool
-from shards.store.writes import Changes, Writer, existing_users
+from shards.store.writes import Changes, Writer, existing_users, repo_states
 from shards.users import UserCreations
 
 log = logging.getLogger("pipeline.shard")
@@ -62,6 +64,7 @@ class WorkerConfig:
     lease: float | None = None
     log_level: str = "WARNING"
     log_format: str = "text"
+    verify: bool = True  # firehose commits: check hashes, signature and tree before writing
 
 
 class KnownDIDs:
@@ -100,6 +103,7 @@ class OpenWrite:
     changes: Changes = field(default_factory=Changes)
     acks: Acks = field(default_factory=Acks)
     events: list[Event] = field(default_factory=list)
+    frames: list[tuple[FrameEvent, bool]] = field(default_factory=list)  # (frame, written)
     since: float | None = None  # when the first thing was added
 
     def add(self, ev: Event) -> None:
@@ -107,8 +111,26 @@ class OpenWrite:
         self.acks.add(ev.batch, ev.idx)
         self.events.append(ev)
 
+    def add_frame(self, fe: FrameEvent, write: bool) -> None:
+        """A frame's events and new rev (`write`), or only its acknowledgement (skipped)."""
+        if write:
+            for ev in fe.events:
+                self.changes.add(ev)
+            if fe.rev is not None and fe.did:
+                self.changes.revs[fe.did] = fe.rev
+        else:
+            self.changes.noops += 1
+        self.acks.add(fe.batch, fe.idx)
+        self.frames.append((fe, write))
+
+    def dead(self, source: str, batch: int, idx: int, position: int, raw: bytes,
+             reason: str) -> None:
+        self.changes.dead.append((source, position, raw[:DEAD_RAW_BYTES], reason))
+        self.acks.add(batch, idx, dead=True)
+
     def size(self) -> int:
-        return len(self.events) + len(self.changes.dead) + len(self.changes.users)
+        return (len(self.events) + len(self.frames) + len(self.changes.dead)
+                + len(self.changes.users))
 
 
 class ShardWorker:
@@ -127,6 +149,7 @@ class ShardWorker:
         self.users = UserCreations(self.directory, config.slots, config.resolve_timeout,
                                    wake=None, late=self.refresher.offer)
         self.known = KnownDIDs(config.known_capacity)
+        self.frames = Frames(config.verify)
         self.writer = Writer(fence)
         self.batches: dict[int, list[float]] = {}  # batch id -> [read time, events not yet committed]
         self.stopping = False
@@ -165,14 +188,14 @@ class ShardWorker:
                     self.conn.send(("ack", self.config.shard, taken))
             now = time.monotonic()
             for pending, user in self.users.settle_due(now):
-                self.stats.users_created += 1
-                self.stats.users_fallback += user.fallback
-                self.stats.users_unverified += (not user.fallback and user.incomplete)
-                self.stats.users_refused += user.refused
-                txn.changes.users.append(user.row())
-                self.known.add(pending.did)
-                for ev in pending.events:
-                    txn.add(ev)
+                if pending.create:
+                    self.stats.users_created += 1
+                    self.stats.users_fallback += user.fallback
+                    self.stats.users_unverified += (not user.fallback and user.incomplete)
+                    self.stats.users_refused += user.refused
+                    txn.changes.users.append(user.row())
+                    self.known.add(pending.did)
+                self._ready(pending.events, txn, now, pending.identity, resolved=True)
             if txn.changes and txn.since is None:
                 txn.since = now
             if txn.changes and (self.stopping or txn.size() >= GROUP_EVENTS
@@ -196,6 +219,8 @@ class ShardWorker:
                            "in_use": pool.get("pool_size", 0) - pool.get("pool_available", 0),
                            "waiting": pool.get("requests_waiting", 0)}
         self.stats.refresher_backlog = self.refresher.backlog
+        self.stats.skipped = self.frames.skipped
+        self.stats.verify_failures = self.frames.failures
         return self.stats
 
     def _take(self, msg: tuple[Any, ...], txn: OpenWrite) -> None:
@@ -203,43 +228,108 @@ class ShardWorker:
         _, batch_id, read_time, idxs, positions, lines = msg
         received = time.monotonic()
         self.batches[batch_id] = [read_time, len(idxs)]
-        unknown: dict[str, list[Event]] = {}
+        unknown: dict[str, list[Event | FrameEvent]] = {}
+        known: list[Event | FrameEvent] = []
+        revs: set[str] = set()
         for idx, position, raw in zip(idxs, positions, lines):
-            try:
-                ev = decode(raw, batch_id, idx, position)
+            try:  # a frame opens with a CBOR map, a JSON line with "{" or white space
+                ev: Event | FrameEvent = (decode_frame if raw[:1] >= b"\x80" else decode)(
+                    raw, batch_id, idx, position)
             except BadEvent as exc:
-                txn.changes.dead.append(
-                    (self.config.source, position, raw[:DEAD_RAW_BYTES], str(exc)))
-                txn.acks.add(batch_id, idx, dead=True)
-                self.stats.dead_reasons[str(exc).split(":")[0]] += 1
+                if isinstance(exc, Refused):
+                    self.frames.failures[exc.check] += 1
+                self._dead(txn, batch_id, idx, position, raw, str(exc))
                 continue
+            if not ev.did:  # #info, unknown kinds: counted, nothing to write
+                self.frames.skipped[f"kind {ev.kind[:40]}"] += 1
+                txn.add_frame(ev, write=False)  # type: ignore[arg-type]
+                continue
+            if isinstance(ev, FrameEvent) and ev.rev is not None or ev.kind == "#account":
+                revs.add(ev.did)
             pending = self.users.pending.get(ev.did)
             if pending is not None:
                 pending.events.append(ev)
                 self.users.coalesced += 1
             elif ev.did in self.known:
-                txn.add(ev)
+                known.append(ev)
             else:
                 unknown.setdefault(ev.did, []).append(ev)
-        if not unknown:
-            return
-        existing = self._existing(list(unknown))
+        existing = self._lookup(list(unknown), self.frames.missing_repos(revs))
+        for ev in known:
+            self._ready([ev], txn, received)
         for did, evs in unknown.items():
             if did in existing:
                 self.known.add(did)
-                for ev in evs:
-                    txn.add(ev)
+                self._ready(evs, txn, received)
             else:
                 self.users.begin(did, received).events.extend(evs)
 
-    def _existing(self, dids: list[str]) -> set[str]:
+    def _lookup(self, dids: list[str], repos: list[str]) -> set[str]:
+        """Which of `dids` are users already; loads the repository states of `repos`."""
+        if not dids and not repos:
+            return set()
         for attempt in range(1_000_000):
             try:
                 with self.pool.connection() as conn:
-                    return existing_users(conn, dids)
+                    if repos:
+                        self.frames.load(repo_states(conn, repos))
+                    return existing_users(conn, dids) if dids else set()
             except RETRYABLE as exc:
                 self._backoff(attempt, exc)
         raise AssertionError("unreachable")
+
+    def _ready(self, items: list[Event | FrameEvent], txn: OpenWrite, now: float,
+               ident: Identity | None = None, resolved: bool = False) -> None:
+        """Events of one author whose users row exists (or is in `txn`), in order. A frame that
+        needs its author's key and finds none cached waits for the author's DID document, and
+        everything after it waits too; `resolved`: that document was just asked for."""
+        for i, item in enumerate(items):
+            if item.did in self.users.pending:  # queued behind a resolution of its author
+                self.users.pending[item.did].events.extend(items[i:])
+                return
+            if isinstance(item, Event):
+                txn.add(item)
+                continue
+            if item.needs_key and self.frames.verify:
+                if not resolved:
+                    ident = self.directory.cached(item.did)
+                if ident is None and not resolved:
+                    self.users.begin(item.did, now, create=False).events.extend(items[i:])
+                    return
+            self._apply(item, txn, now, ident)
+
+    def _apply(self, fe: FrameEvent, txn: OpenWrite, now: float, ident: Identity | None) -> None:
+        """Verifies a frame with its author's key, then writes it, skips it, or dead-letters it."""
+        if fe.needs_key and self.frames.verify:
+            if ident is None:
+                self.frames.failures["key"] += 1
+                self._dead(txn, fe.batch, fe.idx, fe.position, fe.raw, KEY_UNAVAILABLE)
+                return
+            failed = self.frames.check(fe, self.frames.key(ident))
+            if failed is not None and failed.startswith("signature") and not fe.refetched:
+                fe.refetched = True  # keys rotate: read the document again, once
+                self.directory.purge(fe.did or "")
+                self.users.begin(fe.did or "", now, create=False).events.append(fe)
+                return
+            if failed is not None:
+                self.frames.failures[failed.split(":")[0]] += 1
+                self._dead(txn, fe.batch, fe.idx, fe.position, fe.raw, failed)
+                return
+        if (fe.rev is not None or fe.kind == "#account") and fe.did not in self.frames.repos:
+            self._lookup([], [fe.did or ""])  # its state was dropped while it waited
+        skipped = self.frames.admit(fe)
+        if skipped is not None:
+            self.frames.skipped[skipped] += 1
+            txn.add_frame(fe, write=False)
+            return
+        if fe.kind == "#identity":
+            self.directory.purge(fe.did or "")  # the next commit reads the document again
+        txn.add_frame(fe, write=True)
+
+    def _dead(self, txn: OpenWrite, batch: int, idx: int, position: int, raw: bytes,
+              reason: str) -> None:
+        txn.dead(self.config.source, batch, idx, position, raw, reason)
+        self.stats.dead_reasons[reason.split(":")[0]] += 1
 
     def _backoff(self, attempt: int, exc: Exception) -> None:
         self.stats.db_retries += 1
@@ -263,11 +353,15 @@ class ShardWorker:
             except psycopg.Error as exc:
                 log.warning("shard %d: batch rejected (%s); writing event by event",
                             self.config.shard, exc)
-                self._commit_one_by_one(changes, events, acks)
+                self._commit_one_by_one(txn)
                 break
         now = time.monotonic()
         self.stats.transactions += 1
         self.stats.events_by_kind.update(ev.kind for ev in events)
+        self.stats.events_by_kind.update(fe.kind for fe, _ in txn.frames)
+        newest = frame_time(max((fe.time for fe, _ in txn.frames if fe.time), default=None))
+        if newest is not None:  # ISO times of one relay compare as their strings
+            self.stats.frame_time = max(self.stats.frame_time or 0.0, newest)
         for batch_id, (committed, dead) in acks.batches.items():
             self.stats.committed += len(committed)
             self.stats.dead_letters += len(dead)
@@ -277,26 +371,36 @@ class ShardWorker:
             if entry[1] <= 0:
                 del self.batches[batch_id]
 
-    def _commit_one_by_one(self, changes: Changes, events: list[Event], acks: Acks) -> None:
-        base = Changes(users=changes.users, dead=changes.dead)
+    def _commit_one_by_one(self, txn: OpenWrite) -> None:
+        """Users and dead letters first, then each event (or frame, with its rev) on its own;
+        what the database still rejects becomes a dead letter."""
+        changes, acks = txn.changes, txn.acks
+        units: list[tuple[Event | FrameEvent, Changes]] = []
+        for ev in txn.events:
+            units.append((ev, Changes()))
+            units[-1][1].add(ev)
+        for fe, written in txn.frames:
+            if written:
+                units.append((fe, Changes(revs={fe.did: fe.rev} if fe.did and fe.rev else {})))
+                for ev in fe.events:
+                    units[-1][1].add(ev)
         with self.pool.connection() as conn:
-            self.writer.write(conn, base)
-            for ev in events:
-                single = Changes()
-                single.add(ev)
+            self.writer.write(conn, Changes(users=changes.users, dead=changes.dead))
+            for item, single in units:
                 try:
                     self.writer.write(conn, single)
                 except RETRYABLE:
                     raise
                 except psycopg.Error as exc:
                     reason = f"rejected by database: {str(exc).strip().splitlines()[0]}"
-                    self.writer.write(
-                        conn, Changes(dead=[(self.config.source, ev.position, ev.raw, reason)]))
-                    committed, dead = acks.batches[ev.batch]
-                    committed.remove(ev.idx)
-                    dead.append(ev.idx)
+                    self.writer.write(conn, Changes(
+                        dead=[(self.config.source, item.position, item.raw[:DEAD_RAW_BYTES],
+                               reason)]))
+                    committed, dead = acks.batches[item.batch]
+                    committed.remove(item.idx)
+                    dead.append(item.idx)
                     self.stats.dead_reasons["rejected by database"] += 1
-                    self.stats.events_by_kind[ev.kind] -= 1
+                    self.stats.events_by_kind[item.kind] -= 1
 
 
 class WorkerExit(IntEnum):

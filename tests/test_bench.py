@@ -46,3 +46,21 @@ def test_bench_runs_end_to_end_and_reports_sane_figures(server_dsn: str, tmp_pat
     with psycopg.connect(server_dsn) as conn:
         left = conn.execute("SELECT count(*) FROM pg_database WHERE datname LIKE 'bench\\_%'")
         assert left.fetchone()[0] == 0
+
+
+def test_bench_replays_the_same_events_as_verified_frames(server_dsn: str, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tools.bench", "--events", "2000", "--dids", "200", "--runs", "1",
+         "--shards", "2", "--pool-budget", "20", "--format", "both", "--dsn", server_dsn,
+         "--data", str(tmp_path / "data"), "--json", str(out)],
+        capture_output=True, text=True, timeout=180, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "run 1/1 firehose:" in proc.stdout and "verified firehose" in proc.stdout, proc.stdout
+    report = orjson.loads(out.read_bytes())
+    jetstream, firehose = report["runs"]
+    assert (jetstream["format"], firehose["format"]) == ("jetstream", "firehose")
+    assert firehose["events_read"] == 2000 and firehose["dead_letters"] == 0
+    assert firehose["committed"] == 2000 and firehose["users_created"] == 200
+    assert set(report["medians"]) == {"jetstream", "firehose"}

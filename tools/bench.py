@@ -13,14 +13,17 @@ COPYs: one of as many like-shaped rows as there are events into a plain table wi
 (the raw figure), and one of the very rows the run wrote into empty tables shaped like the
 project's, with the same keys and indexes (the fair limit: what the database itself can take of
 this work). It reports the pipeline's events/s against both, and the CPU seconds of each part
-(supervisor, workers, PostgreSQL backends, stubs).
+(supervisor, workers, PostgreSQL backends, stubs). `--format firehose` replays the same events
+as signed firehose frames (tools.generate.write_frames), which the shards verify; `--format
+both` alternates the two in each run and reports the firehose's share of Jetstream's events/s.
 
 `--hot-posts 5 --hot-share 0.3` sends 30% of the likes to five posts (and `--hot-users`, that share
 of the follows to a few users): what every shard counts at once when a post goes viral.
 
 Targets (2 cores, 8 shards): healthy events/s >= 0.25 of the schema-shaped COPY's rows/s, on 200k
 and 1M events; slow (10% of DIDs hanging) >= 85% of healthy; down >= 90% of healthy; peak RSS
-< 150 MB per process; connections never above the budget.
+< 150 MB per process; connections never above the budget; the verified firehose replay >= 50%
+of the Jetstream replay's events/s on the same events.
 """
 from __future__ import annotations
 
@@ -55,6 +58,7 @@ SAMPLE_EVERY = 0.2
 MB = 1024 * 1024
 TARGET_SCHEMA_RATIO = 0.25
 TARGET_RSS_MB = 150
+TARGET_FIREHOSE = 0.5  # verified firehose events/s against Jetstream's, same events
 MONITOR_APP = "bench-monitor"  # must not match 'pipeline%'
 ISSUE_RE = re.compile(r" (WARNING|ERROR|CRITICAL) |Traceback|Error:|Exception")
 
@@ -69,6 +73,10 @@ class DataFiles:
     events: Path
     docs: Path
     dns: Path
+    frames: Path | None = None  # the same events as signed firehose frames
+
+    def replay(self, fmt: str) -> Path:
+        return self.frames if fmt == "firehose" and self.frames is not None else self.events
 
 
 def _atomic_write(path: Path, write: Any) -> None:
@@ -82,19 +90,23 @@ def _atomic_write(path: Path, write: Any) -> None:
 
 
 def ensure_data(data_dir: Path, n_events: int, n_dids: int, seed: int,
-                echo: Any = print, hot: Hot = Hot()) -> DataFiles:
-    """The replay file, the DID documents and the DNS records, generated once per key."""
-    from tools.generate import did_documents, write_replay
+                echo: Any = print, frames: bool = False, hot: Hot = Hot()) -> DataFiles:
+    """The replay file (and with `frames` its firehose recording), the DID documents and the
+    DNS records, generated once per key."""
+    from tools.generate import did_documents, write_frames, write_replay
 
     data_dir.mkdir(parents=True, exist_ok=True)
     tag = f"-hot-{hot.posts}-{hot.users}-{hot.share}" if hot != Hot() else ""
     files = DataFiles(events=data_dir / f"events-{n_events}-{n_dids}-{seed}{tag}.jsonl",
-                      docs=data_dir / f"docs-{n_dids}-{seed}.json",
-                      dns=data_dir / f"dns-{n_dids}-{seed}.json")
-    if not files.events.exists():
-        started = time.perf_counter()
-        _atomic_write(files.events, lambda p: write_replay(p, n_events, n_dids, seed, hot))
-        echo(f"generated {files.events} in {time.perf_counter() - started:.1f} s")
+                      docs=data_dir / f"docs-keys-{n_dids}-{seed}.json",
+                      dns=data_dir / f"dns-{n_dids}-{seed}.json",
+                      frames=data_dir / f"frames-{n_events}-{n_dids}-{seed}{tag}.bin" if frames
+                      else None)
+    for path, write in ((files.events, write_replay), (files.frames, write_frames)):
+        if path is not None and not path.exists():
+            started = time.perf_counter()
+            _atomic_write(path, lambda p: write(p, n_events, n_dids, seed, hot))  # noqa: B023
+            echo(f"generated {path} in {time.perf_counter() - started:.1f} s")
     if not files.docs.exists() or not files.dns.exists():
         docs = did_documents(n_dids, seed)
         records: dict[str, dict[str, list[str]]] = {}
@@ -367,6 +379,7 @@ def _is_worker(p: psutil.Process, supervisor: int) -> bool:
 class RunResult:
     run: int
     profile: str
+    format: str
     events: int
     exit_code: int
     events_read: int
@@ -436,7 +449,7 @@ def _stderr_issues(path: Path, limit: int = 8) -> tuple[int, list[str]]:
     return len(lines), distinct
 
 
-def run_once(i: int, *, server_dsn: str, files: DataFiles, n_events: int, shards: int,
+def run_once(i: int, *, server_dsn: str, files: DataFiles, fmt: str, n_events: int, shards: int,
              pool_budget: int, profile: str, slow_fraction: float, seed: int,
              log_dir: Path, children: Children, rows_cache: dict[str, Any], timeout: float,
              extra: tuple[str, ...], echo: Any = print) -> RunResult:
@@ -456,7 +469,7 @@ def run_once(i: int, *, server_dsn: str, files: DataFiles, n_events: int, shards
             plc_url = _wait_for_line(log_dir / "plc.log", re.compile(r" at (http://\S+);"),
                                      plc_proc).group(1)
             summary_path = log_dir / "summary.json"
-            cmd = [py, "-m", "pipeline", "run", "--replay", str(files.events), "--dsn", dsn,
+            cmd = [py, "-m", "pipeline", "run", "--replay", str(files.replay(fmt)), "--dsn", dsn,
                    "--shards", str(shards), "--pool-budget", str(pool_budget),
                    "--plc-url", plc_url, "--dns-server", dns_addr, "--allow-private-addresses",
                    "--from-start", "--summary-json", str(summary_path), *extra]
@@ -531,7 +544,7 @@ def run_once(i: int, *, server_dsn: str, files: DataFiles, n_events: int, shards
     shape_rps = shaped / shape_s if shape_s > 0 else 0.0
     worker_peaks = sorted((peaks[p] / MB for p in workers if p in peaks), reverse=True)
     return RunResult(
-        run=i, profile=profile, events=n_events, exit_code=code,
+        run=i, profile=profile, format=fmt, events=n_events, exit_code=code,
         events_read=int(summary.get("events_read") or 0), committed=committed,
         dead_letters=int(summary.get("dead_letters") or 0),
         users_created=int(summary.get("users_created") or 0),
@@ -609,6 +622,26 @@ def target_lines(m: dict[str, Any], profile: str, budget: int) -> list[str]:
     return lines
 
 
+def report_run(r: RunResult, label: str, n_events: int, budget: int) -> None:
+    click.echo(format_line(label, asdict(r), budget)
+               + f" [{r.committed:,} committed, {r.dead_letters} dead letters, "
+               f"{r.users_created:,} users ({r.users_fallback:,} fallback), "
+               f"{r.elapsed_s:.1f} s, wall {r.wall_s:.1f} s, restarts {r.restarts}]")
+    c = r.cpu_seconds
+    click.echo(f"  CPU s: workers {c['workers']}, supervisor {c['supervisor']}, postgres "
+               f"backends {c['postgres_backends']}, PLC stub {c['plc_stub']}, DNS stub "
+               f"{c['dns_stub']}; machine busy {r.machine_busy:.0%} of {os.cpu_count()} "
+               f"CPUs, others' CPU {r.others_cpu_seconds} s (load {r.load_average} at "
+               f"start); identity: {r.identity}")
+    if r.stderr_issue_count:
+        click.echo(f"  pipeline stderr: {r.stderr_issue_count} warning/error line(s), e.g.:")
+        for line in r.stderr_issues[:5]:
+            click.echo(f"    {line}")
+    if r.committed + r.dead_letters != r.events_read or r.events_read != n_events:
+        click.echo(f"  note: read {r.events_read:,}, committed {r.committed:,}, dead "
+                   f"{r.dead_letters:,} (expected {n_events:,} read)")
+
+
 # --- command ----------------------------------------------------------------------------------
 def _raise_interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
@@ -627,6 +660,10 @@ def _raise_interrupt(signum: int, _frame: object) -> None:
 @click.option("--slow-fraction", type=click.FloatRange(0, 1), default=0.1, show_default=True,
               help="With --profile slow: share of DIDs that never answer within 60 s.")
 @click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["jetstream", "firehose", "both"]),
+              default="jetstream", show_default=True,
+              help="Replay the events as Jetstream JSON lines, as signed firehose frames (verified"
+                   " by the shards), or both alternately in each run, with their ratio.")
 @click.option("--dsn", default=None, metavar="DSN",
               help="PostgreSQL server (a database is created and dropped per run). "
                    "Default: an embedded server in a temporary directory.")
@@ -640,7 +677,7 @@ def _raise_interrupt(signum: int, _frame: object) -> None:
               help="Extra argument for `pipeline run` (repeatable), e.g. --pipeline-arg=--batch-size=500.")
 @hot_options
 def main(n_events: int, n_dids: int, seed: int, shards: int, pool_budget: int, profile: str,
-         slow_fraction: float, runs: int, dsn: str | None, data_dir: str | None,
+         slow_fraction: float, runs: int, fmt: str, dsn: str | None, data_dir: str | None,
          json_out: str | None, timeout: float, extra: tuple[str, ...], hot_posts: int,
          hot_users: int, hot_share: float) -> None:
     """Benchmark `pipeline run --replay` end to end against a raw COPY on the same server."""
@@ -653,9 +690,10 @@ def main(n_events: int, n_dids: int, seed: int, shards: int, pool_budget: int, p
     atexit.register(shutil.rmtree, scratch, True)
     echo = lambda msg: click.echo(msg, err=True)  # noqa: E731
     try:
+        formats = ["jetstream", "firehose"] if fmt == "both" else [fmt]
         hot = Hot(hot_posts, hot_users, hot_share)
         files = ensure_data(Path(data_dir) if data_dir else scratch / "data", n_events, n_dids,
-                            seed, echo=echo, hot=hot)
+                            seed, echo=echo, frames="firehose" in formats, hot=hot)
         if dsn is None:
             from pipeline import embedded
 
@@ -672,43 +710,45 @@ def main(n_events: int, n_dids: int, seed: int, shards: int, pool_budget: int, p
                       f"{hot_users} users" if hot != Hot() else "")
                    + f", {runs} run(s), {os.cpu_count()} CPUs")
         for i in range(1, runs + 1):
-            r = run_once(i, server_dsn=dsn, files=files, n_events=n_events, shards=shards,
-                         pool_budget=pool_budget, profile=profile, slow_fraction=slow_fraction,
-                         seed=seed, log_dir=logs / f"{stamp}-{profile}-{i}", children=children,
-                         rows_cache=rows_cache, timeout=timeout, extra=extra, echo=echo)
-            results.append(r)
-            click.echo(format_line(f"run {i}/{runs}", asdict(r), pool_budget)
-                       + f" [{r.committed:,} committed, {r.dead_letters} dead letters, "
-                       f"{r.users_created:,} users ({r.users_fallback:,} fallback), "
-                       f"{r.elapsed_s:.1f} s, wall {r.wall_s:.1f} s, restarts {r.restarts}]")
-            c = r.cpu_seconds
-            click.echo(f"  CPU s: workers {c['workers']}, supervisor {c['supervisor']}, postgres "
-                       f"backends {c['postgres_backends']}, PLC stub {c['plc_stub']}, DNS stub "
-                       f"{c['dns_stub']}; machine busy {r.machine_busy:.0%} of {os.cpu_count()} "
-                       f"CPUs, others' CPU {r.others_cpu_seconds} s (load {r.load_average} at "
-                       f"start); identity: {r.identity}")
-            if r.stderr_issue_count:
-                click.echo(f"  pipeline stderr: {r.stderr_issue_count} warning/error line(s), "
-                           f"e.g.:")
-                for line in r.stderr_issues[:5]:
-                    click.echo(f"    {line}")
-            if r.committed + r.dead_letters != r.events_read or r.events_read != n_events:
-                click.echo(f"  note: read {r.events_read:,}, committed {r.committed:,}, dead "
-                           f"{r.dead_letters:,} (expected {n_events:,} read)")
-        m = medians(results)
-        click.echo(format_line(f"median of {len(results)}", m, pool_budget))
+            for fmt_i in formats:  # alternated, so that both see the machine as it is now
+                r = run_once(i, server_dsn=dsn, files=files, fmt=fmt_i, n_events=n_events,
+                             shards=shards, pool_budget=pool_budget, profile=profile,
+                             slow_fraction=slow_fraction, seed=seed,
+                             log_dir=logs / f"{stamp}-{profile}-{fmt_i}-{i}", children=children,
+                             rows_cache=rows_cache, timeout=timeout, extra=extra, echo=echo)
+                results.append(r)
+                report_run(r, f"run {i}/{runs}" + (f" {fmt_i}" if len(formats) > 1 else ""),
+                           n_events, pool_budget)
+        by_format = {f: [r for r in results if r.format == f] for f in formats}
+        m = medians(by_format[formats[0]])
+        named = len(formats) > 1
+        for f, rs in by_format.items():
+            click.echo(format_line(f"median of {len(rs)}" + (f" {f}" if named else ""),
+                                   medians(rs), pool_budget))
         click.echo("targets (meant for 2 cores, 8 shards):")
-        for line in target_lines(m, profile, pool_budget):
-            click.echo(line)
+        for f, rs in by_format.items():
+            if named:
+                click.echo(f" {f}:")
+            for line in target_lines(medians(rs), profile, pool_budget):
+                click.echo(line)
+        if len(formats) == 2:
+            pairs = [f.events_per_second / j.events_per_second
+                     for j, f in zip(by_format["jetstream"], by_format["firehose"])
+                     if j.events_per_second]
+            share = (medians(by_format["firehose"])["events_per_second"] or 0) / (
+                m["events_per_second"] or 1)
+            click.echo(f"  verified firehose {share:.0%} of Jetstream's events/s (medians; runs "
+                       + ", ".join(f"{p:.0%}" for p in pairs) + f") >= {TARGET_FIREHOSE:.0%}: "
+                       + ("ok" if share >= TARGET_FIREHOSE else "MISSED"))
         if json_out:
             payload = {
                 "config": {"events": n_events, "dids": n_dids, "seed": seed, "shards": shards,
                            "hot": asdict(hot),
                            "pool_budget": pool_budget, "profile": profile,
-                           "slow_fraction": slow_fraction, "runs": runs,
+                           "slow_fraction": slow_fraction, "runs": runs, "format": fmt,
                            "cpus": os.cpu_count(), "extra": list(extra)},
                 "runs": [asdict(r) for r in results],
-                "medians": m,
+                "medians": ({f: medians(rs) for f, rs in by_format.items()} if named else m),
             }
             Path(json_out).write_bytes(orjson.dumps(payload, option=orjson.OPT_INDENT_2))
     except BenchError as exc:

@@ -96,6 +96,8 @@ class Changes:
     identities: set[str] = field(default_factory=set)
     users: list[tuple[Any, ...]] = field(default_factory=list)
     dead: list[tuple[str, int, bytes, str]] = field(default_factory=list)
+    revs: dict[str, str] = field(default_factory=dict)  # newest repository rev per DID
+    noops: int = 0  # events acknowledged with nothing to write (skipped frames)
 
     def add(self, ev: Event) -> None:
         if ev.kind == "account":
@@ -121,7 +123,7 @@ class Changes:
 
     def __bool__(self) -> bool:
         return bool(self.upserts or self.deletes or self.profiles or self.accounts
-                    or self.identities or self.users or self.dead)
+                    or self.identities or self.users or self.dead or self.revs or self.noops)
 
 
 STAGING = [
@@ -223,6 +225,15 @@ def existing_users(conn: psycopg.Connection, dids: list[str]) -> set[str]:
     return {r[0] for r in conn.execute("SELECT did FROM users WHERE did = ANY(%s)", (dids,))}
 
 
+def repo_states(conn: psycopg.Connection,
+                dids: list[str]) -> list[tuple[str, str | None, bool | None]]:
+    """(did, newest rev applied, users.active) of these DIDs; None where there is no row."""
+    return conn.execute(
+        "SELECT d.did, r.rev, u.active FROM unnest(%s::text[]) AS d(did)"
+        " LEFT JOIN repo_revs r ON r.did = d.did LEFT JOIN users u ON u.did = d.did",
+        (dids,)).fetchall()
+
+
 def lock_users(cur: psycopg.Cursor, dids: Iterable[str]) -> None:
     """Locks these users' rows in one order (bytewise DID order) before they are updated.
 
@@ -252,6 +263,12 @@ def _apply_rest(cur: psycopg.Cursor, changes: Changes) -> None:
             " resolve_error = coalesce(resolve_error, 'identity event: to be resolved again')"
             " WHERE did = ANY(%s)",
             (list(changes.identities),),
+        )
+    if changes.revs:  # a rev only moves forward, whoever wrote the one there (backfill too)
+        cur.executemany(
+            "INSERT INTO repo_revs (did, rev) VALUES (%s, %s) ON CONFLICT (did) DO UPDATE"
+            " SET rev = EXCLUDED.rev, updated_at = now() WHERE repo_revs.rev < EXCLUDED.rev",
+            sorted(changes.revs.items()),
         )
     if changes.dead:
         cur.executemany(
