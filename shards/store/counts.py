@@ -153,7 +153,8 @@ def _next_bound(conn: psycopg.Connection, table: CountsTable, after: str | None,
         col=sql.Identifier(s.column), src=sql.Identifier(s.table),
         cond=_within(s.column, after, None), n=sql.Literal(batch_rows))
         for s in table.sources]
-    return conn.execute(sql.SQL("SELECT least({})").format(sql.SQL(", ").join(bounds))).fetchone()[0]
+    query = sql.SQL("SELECT least({})").format(sql.SQL(", ").join(bounds))
+    return conn.execute(query).fetchone()[0]
 
 
 def _fill_range(conn: psycopg.Connection, table: CountsTable, after: str | None,
