@@ -25,6 +25,8 @@ from pipeline.options import (
     log_format,
     open_database,
     opt,
+    pds_config,
+    pds_options,
     redis_transport,
     resolve_dsn,
     setup_logging,
@@ -72,6 +74,7 @@ def main() -> None:
      metavar="BATCHES",
      help="With a redis:// transport: most batches waiting in a shard's stream; the reader waits "
           "while a stream is that long (nothing unprocessed is ever trimmed).")
+@pds_options
 @identity_options
 @database_options
 @common_options
@@ -124,7 +127,7 @@ def run(replay: str | None, jetstream: str | None, collections: tuple[str, ...],
         dsn=dsn, shards=shards, pool_budget=pool_budget, max_user_creations=max_user_creations,
         resolve_timeout=resolve_timeout,
         identity=identity_config(plc_url, dns_server, allow_private_addresses, resolve_timeout),
-        batch_size=batch_size, from_start=from_start, end_wait=end_wait,
+        pds=pds_config(), batch_size=batch_size, from_start=from_start, end_wait=end_wait,
         log_level=log_level.upper(),
         log_format=log_format(),
         transport=redis_url or "local", stream_limit=stream_limit,
@@ -165,33 +168,53 @@ def run(replay: str | None, jetstream: str | None, collections: tuple[str, ...],
 
 @main.command("refresh-users")
 @opt("--due-only", is_flag=True, default=False,
-     help="Only users whose backoff has passed (default: every incomplete user).")
+     help="Only users whose backoff has passed (default: every incomplete user, and every user "
+          "missing a profile whose PDS did not say it has none).")
+@pds_options
 @identity_options
 @database_options
 @common_options
 def refresh_users(due_only: bool, resolve_timeout: float, max_user_creations: int, plc_url: str,
                   dns_server: str | None, allow_private_addresses: bool, dsn: str | None,
                   data_dir: str, log_level: str) -> None:
-    """One pass of the refresher over incomplete users, then exit (for cron)."""
-    from shards.identity import build_directory
+    """One pass of the refresher over incomplete users, then of the profile fetcher over users
+    missing a profile, then exit (for cron). Users of a host that a 429 paused for more than
+    30 s are left for the next run."""
+    from shards.identity import Counters, build_directory
+    from shards.pds.client import PdsClient
+    from shards.profiles import ProfileFetcher
     from shards.refresher import Refresher
     from shards.store.pool import open_pool
 
     setup_logging(log_level)
     dsn = resolve_dsn(dsn, data_dir)
     open_database(dsn).close()
-    directory = build_directory(identity_config(plc_url, dns_server, allow_private_addresses,
-                                                resolve_timeout))
+    identity = identity_config(plc_url, dns_server, allow_private_addresses, resolve_timeout)
+    pds = pds_config()
+    counters = Counters()
+    directory = build_directory(identity, counters=counters)
     pool = open_pool(dsn, 2, "pipeline-refresh")
+    profiles = (ProfileFetcher(pool, PdsClient(identity, pds, counters))
+                if pds.fetch_profiles else None)
+    refresher = Refresher(pool, directory, concurrency=min(max_user_creations, 64),
+                          profiles=profiles)
     try:
-        result = Refresher(pool, directory, concurrency=min(max_user_creations, 64)).run_pass(
-            due_only=due_only)
+        result = refresher.run_pass(due_only=due_only)
+        fetched = refresher.run_profiles(due_only=due_only)
     finally:
+        if profiles is not None:
+            profiles.stop()
         pool.close()
     with psycopg.connect(dsn, application_name="pipeline") as conn:
-        left = conn.execute("SELECT count(*) FROM users WHERE incomplete").fetchone()[0]
+        left, missing = conn.execute(
+            "SELECT count(*) FILTER (WHERE incomplete),"
+            " count(*) FILTER (WHERE profile_source IS NULL) FROM users").fetchone()
     click.echo(f"checked {result.checked} users: {result.completed} completed, "
                f"{result.failed} still incomplete; {left} incomplete in all")
+    if profiles is not None:
+        outcomes = ", ".join(f"{n} {k}" for k, n in sorted(fetched.results.items()))
+        click.echo(f"asked {fetched.checked} PDS for profiles: {outcomes or 'none due'};"
+                   f" {missing} users without a profile")
 
 
 @main.command()
@@ -212,6 +235,7 @@ def refresh_users(due_only: bool, resolve_timeout: float, max_user_creations: in
           "shard stays locked before a new worker can take over its pending entries.")
 @opt("--refresh-interval", type=click.FloatRange(min=1), default=30.0, show_default=True,
      metavar="SECONDS", help="Pause between passes of this worker's refresher of incomplete users.")
+@pds_options
 @identity_options
 @database_options
 @common_options
@@ -287,7 +311,8 @@ def worker(shard: int, shards: int, transport: str, pool_size: int | None, pool_
             slots=max(1, max_user_creations // shards), resolve_timeout=resolve_timeout,
             identity=identity_config(plc_url, dns_server, allow_private_addresses,
                                      resolve_timeout),
-            source="redis", refresh_interval=refresh_interval, log_level=log_level.upper(),
+            source="redis", pds=pds_config().share(shards), refresh_interval=refresh_interval,
+            log_level=log_level.upper(),
             log_format=log_format(),
         )
         holder: dict[str, Any] = {}

@@ -67,6 +67,18 @@ class ShardInfo:
 
 
 @dataclass
+class Profiles:
+    """Where users' profiles came from, and those still missing one."""
+
+    stream: int = 0
+    fetched: int = 0
+    absent: int = 0  # the PDS said it has none
+    missing: int = 0
+    missing_due: int = 0  # missing, and its PDS is due to be asked now
+    missing_without_pds: int = 0  # missing, and no PDS known yet
+
+
+@dataclass
 class Status:
     cursors: list[CursorInfo]
     incomplete_users: int
@@ -74,11 +86,15 @@ class Status:
     dead_letters: dict[str, int]
     dead_letters_total: int
     shards: list[ShardInfo]
+    profiles: Profiles = field(default_factory=Profiles)
+    complete_users: int = 0  # handle settled, and profile known (fetched, streamed or absent)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "cursors": [asdict(c) for c in self.cursors],
             "incomplete_users": {"total": self.incomplete_users, "due": self.incomplete_due},
+            "profiles": asdict(self.profiles),
+            "complete_users": self.complete_users,
             "dead_letters": {"total": self.dead_letters_total, "by_reason": self.dead_letters},
             "shards": [{"shard": s.shard, "users": s.users, **s.tables, "total": s.total}
                        for s in self.shards],
@@ -135,6 +151,15 @@ def collect(conn: psycopg.Connection, shards: int) -> Status:
         incomplete, due = conn.execute(
             "SELECT count(*), count(*) FILTER (WHERE refresh_after <= now())"
             " FROM users WHERE incomplete").fetchone()
+        *counts, complete = conn.execute(
+            "SELECT count(*) FILTER (WHERE profile_source = 'stream'),"
+            " count(*) FILTER (WHERE profile_source = 'pds'),"
+            " count(*) FILTER (WHERE profile_source = 'none'),"
+            " count(*) FILTER (WHERE profile_source IS NULL),"
+            " count(*) FILTER (WHERE profile_source IS NULL AND profile_after <= now()),"
+            " count(*) FILTER (WHERE profile_source IS NULL AND pds IS NULL),"
+            " count(*) FILTER (WHERE NOT incomplete AND profile_source IS NOT NULL)"
+            " FROM users").fetchone()
         reasons: dict[str, int] = {}
         for reason, n in conn.execute(
                 "SELECT split_part(error, ':', 1) AS reason, count(*) FROM dead_letters"
@@ -153,7 +178,7 @@ def collect(conn: psycopg.Connection, shards: int) -> Status:
             for k, n in conn.execute(sql):
                 by_shard[k].tables[table] = n
     return Status(cursors, incomplete, due, reasons, sum(reasons.values()),
-                  [by_shard[k] for k in range(shards)])
+                  [by_shard[k] for k in range(shards)], Profiles(*counts), complete)
 
 
 def _duration(seconds: float) -> str:
@@ -199,7 +224,12 @@ def render(status: Status) -> str:
         out += ["  " + s for s in _table(["name", "value", "updated", "progress"], rows, {1})]
     else:
         out.append("  (none)")
+    p = status.profiles
     out += ["", f"incomplete users  {status.incomplete_users} ({status.incomplete_due} due for refresh)",
+            f"profiles          {p.stream} from the stream, {p.fetched} fetched, {p.absent} known"
+            f" absent; {p.missing} missing ({p.missing_due} due now, {p.missing_without_pds}"
+            " without a PDS)",
+            f"complete users    {status.complete_users} (handle verified or invalid, profile known)",
             "", f"dead letters      {status.dead_letters_total}"]
     for reason, n in status.dead_letters.items():
         out.append(f"  {n:>8}  {reason}")
@@ -221,7 +251,7 @@ def render(status: Status) -> str:
 @database_options
 @common_options
 def status(shards: int, as_json: bool, dsn: str | None, data_dir: str, log_level: str) -> None:
-    """Cursors and lag, incomplete users, dead letters by reason, rows per shard."""
+    """Cursors and lag, incomplete users, profiles, dead letters by reason, rows per shard."""
     setup_logging(log_level)
     dsn = resolve_dsn(dsn, data_dir)
     conn = open_database(dsn)

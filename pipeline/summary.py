@@ -127,7 +127,16 @@ class Summary:
                 f"  {f.pending_user_creations:>27}  ({f.peak_active_user_creations}"
                 f" / {f.peak_pending_user_creations})"
             )
-        if self.identity:
+        identity = {k: v for k, v in self.identity.items() if v and not k.startswith("pds.")}
+        if identity:
             lines.append("identity          " + ", ".join(
-                f"{k} {v}" for k, v in sorted(self.identity.items()) if v))
+                f"{k} {v}" for k, v in sorted(identity.items())))
+        profiles = {k[12:]: v for k, v in self.identity.items() if k.startswith("pds.profile.")}
+        if any(profiles.values()):
+            limited = {k[17:]: v for k, v in self.identity.items()
+                       if k.startswith("pds.rate_limited.") and v}
+            lines.append("profiles fetched  " + ", ".join(
+                f"{k} {v}" for k, v in sorted(profiles.items()) if v)
+                + (f" (429s: {sum(limited.values())} from {len(limited)} hosts)" if limited
+                   else ""))
         return "\n".join(lines)

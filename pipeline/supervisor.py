@@ -25,6 +25,7 @@ from common.routing import shard_for
 from pipeline.sources.base import Source, SourceError
 from pipeline.summary import Summary
 from shards.identity import IdentityConfig
+from shards.pds.config import PdsConfig
 from shards.stats import ShardStats
 from shards.store.pool import Budget, connect
 from shards.worker import WorkerConfig
@@ -47,6 +48,7 @@ class RunOptions:
     max_user_creations: int = 100
     resolve_timeout: float = 5.0
     identity: IdentityConfig = field(default_factory=IdentityConfig)
+    pds: PdsConfig = field(default_factory=PdsConfig)  # the whole pipeline's limits
     batch_size: int = 1000
     linger: float = 0.05
     max_inflight: int = 2
@@ -241,8 +243,8 @@ class Supervisor:
         config = WorkerConfig(
             shard=sp.shard, shards=self.o.shards, dsn=self.o.dsn, pool_size=self.per_shard_pool,
             slots=self.slots, resolve_timeout=self.o.resolve_timeout, identity=self.o.identity,
-            source=self.source.name, refresh_interval=self.o.refresh_interval,
-            end_wait=self.o.end_wait, log_level=self.o.log_level, log_format=self.o.log_format,
+            source=self.source.name, pds=self.o.pds.share(self.o.shards),
+            refresh_interval=self.o.refresh_interval, end_wait=self.o.end_wait, log_level=self.o.log_level, log_format=self.o.log_format,
         )
         parent, child = self.ctx.Pipe(duplex=True)
         sp.process = self.ctx.Process(target=worker_main, args=(config, child),

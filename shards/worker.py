@@ -21,7 +21,10 @@ import psycopg
 from common.logs import configure
 from shards import collector
 from shards.events import BadEvent, Event, decode
-from shards.identity import IdentityConfig, build_directory
+from shards.identity import Counters, IdentityConfig, build_directory
+from shards.pds.client import PdsClient
+from shards.pds.config import PdsConfig
+from shards.profiles import ProfileFetcher
 from shards.refresher import Refresher
 from shards.stats import ShardStats
 from shards.store.pool import open_pool
@@ -50,6 +53,7 @@ class WorkerConfig:
     resolve_timeout: float
     identity: IdentityConfig
     source: str
+    pds: PdsConfig = PdsConfig()  # this process's share of the pipeline's limits
     refresh_interval: float = 30.0
     end_wait: float = 1.0  # once the source has ended, the longest a new author is waited for
     known_capacity: int = 1_000_000
@@ -113,9 +117,14 @@ class ShardWorker:
         self.stats = ShardStats(config.shard)
         name = f"pipeline-shard-{config.shard}"
         self.pool = open_pool(config.dsn, config.pool_size, name)
-        self.directory = build_directory(config.identity)
+        counters = Counters()  # identity and PDS figures, reported together
+        self.directory = build_directory(config.identity, counters=counters)
+        profiles = None
+        if config.pds.fetch_profiles:
+            profiles = ProfileFetcher(self.pool, PdsClient(config.identity, config.pds, counters),
+                                      config.shard, config.shards, poll=config.refresh_interval)
         self.refresher = Refresher(self.pool, self.directory, config.shard, config.shards,
-                                   interval=config.refresh_interval)
+                                   interval=config.refresh_interval, profiles=profiles)
         self.users = UserCreations(self.directory, config.slots, config.resolve_timeout,
                                    wake=None, late=self.refresher.offer)
         self.known = KnownDIDs(config.known_capacity)
@@ -168,12 +177,23 @@ class ShardWorker:
                                 or now - txn.since >= LINGER):
                 self._commit(txn)
                 self.conn.send(("ack", self.config.shard, txn.acks.batches))
+                self._offer_profiles(txn.changes)
                 txn = OpenWrite()
             if now - last_stats >= STATS_EVERY:
                 self.conn.send(("stats", self.config.shard, self.snapshot()))
                 last_stats = now
         self.refresher.stop()
         self.conn.send(("stats", self.config.shard, self.snapshot()))
+
+    def _offer_profiles(self, changes: Changes) -> None:
+        """New users with a PDS and no profile from the stream go to the profile fetcher now,
+        rather than at its next read of the table (never waiting on it)."""
+        profiles = self.refresher.profiles
+        if profiles is None:
+            return
+        for did, _handle, _incomplete, _verified, pds in changes.users:
+            if pds is not None and did not in changes.profiles:
+                profiles.offer(did, pds)
 
     def snapshot(self) -> ShardStats:
         self.stats.gauges(self.users.active, len(self.users.pending))

@@ -3,9 +3,11 @@
     python -m tools.bench --events 1000000 --dids 100000 --shards 8 --profile healthy
 
 Each run gets a fresh database on the server (the --dsn one, or an embedded PostgreSQL in a
-temporary directory), a PLC stub and a DNS stub in their own processes (the PLC stub in the
-chosen profile: healthy, slow or down; the DNS stub answers `_atproto.<handle>` TXT for every
-generated handle), and runs `python -m pipeline run --replay ...` as a subprocess. Every 0.2 s it
+temporary directory), a PLC stub, a DNS stub and a PDS stub in their own processes (the PLC stub
+in the chosen profile: healthy, slow or down; the DNS stub answers `_atproto.<handle>` TXT for
+every generated handle, and points the 18 PDS host names at the PDS stub, which holds a profile
+for 80% of the authors), and runs `python -m pipeline run --replay ...` as a subprocess, with
+profile fetching on or off (--profiles; `alternate` takes turns, for ratios taken close together). Every 0.2 s it
 samples the pipeline's connections in pg_stat_activity (application_name LIKE 'pipeline%', that
 database only) and the RSS of the supervisor and of each worker process (the peak is the larger
 of the samples and the kernel's high-water mark, VmHWM). Then, on the same server, it times one
@@ -14,7 +16,8 @@ reports the pipeline's events/s against those rows/s.
 
 Targets (issue 5; 2 cores, 8 shards, 1,000,000 events from 100,000 DIDs): healthy >= 30,000
 events/s and >= 25% of raw COPY rows/s; slow (10% of DIDs hanging) >= 85% of healthy; down
->= 90% of healthy; peak RSS < 150 MB per worker; connections never above the budget.
+>= 90% of healthy; peak RSS < 150 MB per worker; connections never above the budget; with
+profiles fetched from the PDS stub >= 90% of the events/s without.
 """
 from __future__ import annotations
 
@@ -62,6 +65,7 @@ class DataFiles:
     events: Path
     docs: Path
     dns: Path
+    profiles: Path
 
 
 def _atomic_write(path: Path, write: Any) -> None:
@@ -77,12 +81,13 @@ def _atomic_write(path: Path, write: Any) -> None:
 def ensure_data(data_dir: Path, n_events: int, n_dids: int, seed: int,
                 echo: Any = print) -> DataFiles:
     """The replay file, the DID documents and the DNS records, generated once per key."""
-    from tools.generate import did_documents, write_replay
+    from tools.generate import did_documents, pds_host, profile_records, write_replay
 
     data_dir.mkdir(parents=True, exist_ok=True)
     files = DataFiles(events=data_dir / f"events-{n_events}-{n_dids}-{seed}.jsonl",
                       docs=data_dir / f"docs-{n_dids}-{seed}.json",
-                      dns=data_dir / f"dns-{n_dids}-{seed}.json")
+                      dns=data_dir / f"dns-pds-{n_dids}-{seed}.json",
+                      profiles=data_dir / f"profiles-{n_dids}-{seed}.json")
     if not files.events.exists():
         started = time.perf_counter()
         _atomic_write(files.events, lambda p: write_replay(p, n_events, n_dids, seed))
@@ -95,9 +100,23 @@ def ensure_data(data_dir: Path, n_events: int, n_dids: int, seed: int,
                 if aka.startswith("at://"):
                     records.setdefault(f"_atproto.{aka[5:]}", {}).setdefault("TXT", []).append(
                         f"did={did}")
+            records[pds_host(did)] = {"A": ["127.0.0.1"]}  # the PDS stub
         _atomic_write(files.docs, lambda p: p.write_bytes(orjson.dumps(docs)))
         _atomic_write(files.dns, lambda p: p.write_bytes(orjson.dumps(records)))
+    if not files.profiles.exists():
+        _atomic_write(files.profiles,
+                      lambda p: p.write_bytes(orjson.dumps(profile_records(n_dids, seed))))
     return files
+
+
+_ENDPOINT = re.compile(rb'"serviceEndpoint":"https://([a-z0-9.-]+)"')
+
+
+def docs_for_pds(docs: Path, port: int, out: Path) -> Path:
+    """The DID documents with every PDS endpoint at `http://<host>:<port>` (the PDS stub)."""
+    out.write_bytes(_ENDPOINT.sub(rb'"serviceEndpoint":"http://\1:' + str(port).encode() + b'"',
+                                  docs.read_bytes()))
+    return out
 
 
 def _iso_from_us(us: int) -> str:
@@ -310,6 +329,7 @@ def _is_worker(p: psutil.Process, supervisor: int) -> bool:
 class RunResult:
     run: int
     profile: str
+    fetch_profiles: bool
     events: int
     exit_code: int
     events_read: int
@@ -340,6 +360,7 @@ class RunResult:
     others_cpu_seconds: float = 0.0  # machine CPU time during the run not spent by ours
     load_average: float = 0.0  # 1-minute load average when the run started
     identity: dict[str, int] = field(default_factory=dict)  # non-zero resolution counters
+    pds: dict[str, int] = field(default_factory=dict)  # non-zero PDS fetch counters
     stderr_issues: list[str] = field(default_factory=list)
     stderr_issue_count: int = 0
     log_dir: str = ""
@@ -377,6 +398,7 @@ def _stderr_issues(path: Path, limit: int = 8) -> tuple[int, list[str]]:
 
 def run_once(i: int, *, server_dsn: str, files: DataFiles, n_events: int, shards: int,
              pool_budget: int, profile: str, slow_fraction: float, seed: int,
+             fetch_profiles: bool,
              log_dir: Path, children: Children, rows_cache: dict[str, Any], timeout: float,
              extra: tuple[str, ...], echo: Any = print) -> RunResult:
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -385,11 +407,18 @@ def run_once(i: int, *, server_dsn: str, files: DataFiles, n_events: int, shards
         dbname = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
         dns_proc = children.start([py, "-m", "tools.fake_dns", str(files.dns)],
                                   log_dir / "dns.log", stdout=log_dir / "dns.out")
-        plc_proc = children.start(
-            [py, "-m", "tools.fake_plc", "--docs", str(files.docs), "--port", "0",
-             "--profile", profile, "--slow-fraction", str(slow_fraction), "--seed", str(seed)],
-            log_dir / "plc.log")
+        pds_proc = children.start([py, "-m", "tools.fake_pds", "--profiles", str(files.profiles),
+                                   "--port", "0"], log_dir / "pds.log")
+        plc_proc = None
         try:
+            pds_url = _wait_for_line(log_dir / "pds.log", re.compile(r" at (http://\S+);"),
+                                     pds_proc).group(1)
+            docs = docs_for_pds(files.docs, int(pds_url.rsplit(":", 1)[1]), log_dir / "docs.json")
+            atexit.register(docs.unlink, missing_ok=True)
+            plc_proc = children.start(
+                [py, "-m", "tools.fake_plc", "--docs", str(docs), "--port", "0",
+                 "--profile", profile, "--slow-fraction", str(slow_fraction), "--seed", str(seed)],
+                log_dir / "plc.log")
             dns_addr = _wait_for_line(log_dir / "dns.out", re.compile(r"^(\S+:\d+)$", re.M),
                                       dns_proc).group(1)
             plc_url = _wait_for_line(log_dir / "plc.log", re.compile(r" at (http://\S+);"),
@@ -398,7 +427,8 @@ def run_once(i: int, *, server_dsn: str, files: DataFiles, n_events: int, shards
             cmd = [py, "-m", "pipeline", "run", "--replay", str(files.events), "--dsn", dsn,
                    "--shards", str(shards), "--pool-budget", str(pool_budget),
                    "--plc-url", plc_url, "--dns-server", dns_addr, "--allow-private-addresses",
-                   "--from-start", "--summary-json", str(summary_path), *extra]
+                   "--from-start", "--summary-json", str(summary_path),
+                   *(() if fetch_profiles else ("--no-fetch-profiles",)), *extra]
             env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
             started = time.perf_counter()
             proc = children.start(cmd, log_dir / "pipeline.err", stdout=log_dir / "pipeline.out",
@@ -444,9 +474,12 @@ def run_once(i: int, *, server_dsn: str, files: DataFiles, n_events: int, shards
             machine_after = psutil.cpu_times()
             code = proc.returncode
             children.stop(proc)
-            stub_cpu = {"plc": _cpu_of(plc_proc.pid), "dns": _cpu_of(dns_proc.pid)}
+            stub_cpu = {"plc": _cpu_of(plc_proc.pid), "dns": _cpu_of(dns_proc.pid),
+                        "pds": _cpu_of(pds_proc.pid)}
         finally:
-            children.stop(plc_proc)
+            if plc_proc is not None:
+                children.stop(plc_proc)
+            children.stop(pds_proc)
             children.stop(dns_proc)
         n_issues, issues = _stderr_issues(log_dir / "pipeline.err")
         if code != 0 or not summary_path.exists():
@@ -468,7 +501,7 @@ def run_once(i: int, *, server_dsn: str, files: DataFiles, n_events: int, shards
     copy_rps = copied / copy_s if copy_s > 0 else 0.0
     worker_peaks = sorted((peaks[p] / MB for p in workers if p in peaks), reverse=True)
     return RunResult(
-        run=i, profile=profile, events=n_events, exit_code=code,
+        run=i, profile=profile, fetch_profiles=fetch_profiles, events=n_events, exit_code=code,
         events_read=int(summary.get("events_read") or 0), committed=committed,
         dead_letters=int(summary.get("dead_letters") or 0),
         users_created=int(summary.get("users_created") or 0),
@@ -487,13 +520,16 @@ def run_once(i: int, *, server_dsn: str, files: DataFiles, n_events: int, shards
             "supervisor": round(sum(c for p, c in cpu.items() if p not in workers), 1),
             "workers": round(sum(cpu.get(p, 0.0) for p in workers), 1),
             "postgres_backends": round(sum(backend_cpu.values()), 1),
-            "plc_stub": round(stub_cpu["plc"], 1), "dns_stub": round(stub_cpu["dns"], 1)},
+            "plc_stub": round(stub_cpu["plc"], 1), "dns_stub": round(stub_cpu["dns"], 1),
+            "pds_stub": round(stub_cpu["pds"], 1)},
         others_cpu_seconds=round(max(0.0, _busy_seconds(machine_before, machine_after) - (
-            sum(cpu.values()) + sum(backend_cpu.values()) + stub_cpu["plc"] + stub_cpu["dns"])), 1),
+            sum(cpu.values()) + sum(backend_cpu.values()) + sum(stub_cpu.values()))), 1),
         machine_busy=_busy(machine_before, machine_after),
         load_average=round(load_before, 2),
         identity={k: v for k, v in (summary.get("identity") or {}).items()
                   if v and k.startswith(("resolution.", "breaker.trips", "breaker.rejected"))},
+        pds={k[4:]: v for k, v in (summary.get("identity") or {}).items()
+             if v and k.startswith("pds.")},
         stderr_issues=issues, stderr_issue_count=n_issues, log_dir=str(log_dir),
     )
 
@@ -561,7 +597,11 @@ def _raise_interrupt(signum: int, _frame: object) -> None:
               show_default=True, help="PLC stub: a few ms; a fraction of DIDs held 60 s; refused.")
 @click.option("--slow-fraction", type=click.FloatRange(0, 1), default=0.1, show_default=True,
               help="With --profile slow: share of DIDs that never answer within 60 s.")
-@click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Runs (with --profiles alternate: pairs, each an on and an off run).")
+@click.option("--profiles", "profiles_mode", type=click.Choice(["on", "off", "alternate"]),
+              default="on", show_default=True,
+              help="Profile fetching from the PDS stub: on, off, or alternate on/off runs.")
 @click.option("--dsn", default=None, metavar="DSN",
               help="PostgreSQL server (a database is created and dropped per run). "
                    "Default: an embedded server in a temporary directory.")
@@ -574,8 +614,9 @@ def _raise_interrupt(signum: int, _frame: object) -> None:
 @click.option("--pipeline-arg", "extra", multiple=True, metavar="ARG",
               help="Extra argument for `pipeline run` (repeatable), e.g. --pipeline-arg=--batch-size=500.")
 def main(n_events: int, n_dids: int, seed: int, shards: int, pool_budget: int, profile: str,
-         slow_fraction: float, runs: int, dsn: str | None, data_dir: str | None,
-         json_out: str | None, timeout: float, extra: tuple[str, ...]) -> None:
+         slow_fraction: float, runs: int, profiles_mode: str, dsn: str | None,
+         data_dir: str | None, json_out: str | None, timeout: float,
+         extra: tuple[str, ...]) -> None:
     """Benchmark `pipeline run --replay` end to end against a raw COPY on the same server."""
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_interrupt)
@@ -597,26 +638,31 @@ def main(n_events: int, n_dids: int, seed: int, shards: int, pool_budget: int, p
         stamp = time.strftime("%Y%m%d-%H%M%S")
         results: list[RunResult] = []
         rows_cache: dict[str, Any] = {}
+        modes = ([True, False] * runs if profiles_mode == "alternate"
+                 else [profiles_mode == "on"] * runs)
         click.echo(f"bench: {n_events:,} events, {n_dids:,} DIDs, {shards} shards, budget "
                    f"{pool_budget}, PLC {profile}"
                    + (f" ({slow_fraction:.0%} hanging)" if profile == "slow" else "")
-                   + f", {runs} run(s), {os.cpu_count()} CPUs")
-        for i in range(1, runs + 1):
+                   + f", profiles {profiles_mode}, {len(modes)} run(s), {os.cpu_count()} CPUs")
+        for i, fetch in enumerate(modes, 1):
             r = run_once(i, server_dsn=dsn, files=files, n_events=n_events, shards=shards,
                          pool_budget=pool_budget, profile=profile, slow_fraction=slow_fraction,
-                         seed=seed, log_dir=logs / f"{stamp}-{profile}-{i}", children=children,
+                         seed=seed, fetch_profiles=fetch,
+                         log_dir=logs / f"{stamp}-{profile}-{i}", children=children,
                          rows_cache=rows_cache, timeout=timeout, extra=extra, echo=echo)
             results.append(r)
-            click.echo(format_line(f"run {i}/{runs}", asdict(r), pool_budget)
+            click.echo(format_line(f"run {i}/{len(modes)} (profiles {'on' if fetch else 'off'})",
+                                   asdict(r), pool_budget)
                        + f" [{r.committed:,} committed, {r.dead_letters} dead letters, "
                        f"{r.users_created:,} users ({r.users_fallback:,} fallback), "
                        f"{r.elapsed_s:.1f} s, wall {r.wall_s:.1f} s, restarts {r.restarts}]")
             c = r.cpu_seconds
             click.echo(f"  CPU s: workers {c['workers']}, supervisor {c['supervisor']}, postgres "
                        f"backends {c['postgres_backends']}, PLC stub {c['plc_stub']}, DNS stub "
-                       f"{c['dns_stub']}; machine busy {r.machine_busy:.0%} of {os.cpu_count()} "
-                       f"CPUs, others' CPU {r.others_cpu_seconds} s (load {r.load_average} at "
-                       f"start); identity: {r.identity}")
+                       f"{c['dns_stub']}, PDS stub {c['pds_stub']}; machine busy "
+                       f"{r.machine_busy:.0%} of {os.cpu_count()} CPUs, others' CPU "
+                       f"{r.others_cpu_seconds} s (load {r.load_average} at start); identity: "
+                       f"{r.identity}; PDS: {r.pds}")
             if r.stderr_issue_count:
                 click.echo(f"  pipeline stderr: {r.stderr_issue_count} warning/error line(s), "
                            f"e.g.:")
@@ -627,6 +673,15 @@ def main(n_events: int, n_dids: int, seed: int, shards: int, pool_budget: int, p
                            f"{r.dead_letters:,} (expected {n_events:,} read)")
         m = medians(results)
         click.echo(format_line(f"median of {len(results)}", m, pool_budget))
+        if profiles_mode == "alternate":
+            on, off = results[0::2], results[1::2]
+            click.echo(format_line(f"median of {len(on)} with profiles", medians(on), pool_budget))
+            click.echo(format_line(f"median of {len(off)} without", medians(off), pool_budget))
+            pairs = [a.events_per_second / b.events_per_second
+                     for a, b in zip(on, off) if b.events_per_second]
+            click.echo("with profiles / without, pair by pair: "
+                       + ", ".join(f"{x:.0%}" for x in pairs)
+                       + f"; median {statistics.median(pairs):.0%}" if pairs else "")
         click.echo("targets (issue 5, meant for 2 cores, 8 shards, 1,000,000 events / 100,000 DIDs):")
         for line in target_lines(m, profile, pool_budget):
             click.echo(line)
@@ -635,6 +690,7 @@ def main(n_events: int, n_dids: int, seed: int, shards: int, pool_budget: int, p
                 "config": {"events": n_events, "dids": n_dids, "seed": seed, "shards": shards,
                            "pool_budget": pool_budget, "profile": profile,
                            "slow_fraction": slow_fraction, "runs": runs,
+                           "profiles": profiles_mode,
                            "cpus": os.cpu_count(), "extra": list(extra)},
                 "runs": [asdict(r) for r in results],
                 "medians": m,

@@ -20,7 +20,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
 
 import certifi
@@ -47,11 +47,13 @@ class ResponseTooLarge(ResolutionFailed):
 
 @dataclass(frozen=True)
 class Fetched:
-    """One final answer: the body is read (up to the cap) only for status 200."""
+    """One final answer: the body is read (up to the cap) for status 200, and for other statuses
+    only when asked to (`error_bytes`); header names are lowercase."""
 
     url: str
     status: int
     body: bytes = b""
+    headers: dict[bytes, bytes] = field(default_factory=dict)
 
 
 def _tls_context(ca_bundle: str | None) -> ssl.SSLContext:
@@ -136,8 +138,10 @@ class HttpFetcher:
             raise ValueError(f"unusable User-Agent {config.user_agent!r}")
         self._user_agent = config.user_agent
 
-    def get(self, url: str, *, max_bytes: int, accept: str = "application/json") -> Fetched:
-        """Fetches `url`. Non-200 statuses are returned without their body.
+    def get(self, url: str, *, max_bytes: int, accept: str = "application/json",
+            error_bytes: int = 0) -> Fetched:
+        """Fetches `url`. Non-200 statuses come with their body only when it is at most
+        `error_bytes` (an error message).
 
         Raises AddressRefused, HostNotFound (the name does not exist), ResponseTooLarge or
         ResolutionFailed (DNS, transport, timeout, too many redirects)."""
@@ -145,7 +149,7 @@ class HttpFetcher:
         for _ in range(self._config.max_redirects + 1):
             if time.monotonic() > deadline:
                 raise ResolutionFailed(f"GET {url}: out of time", upstream=urlsplit(url).netloc)
-            fetched, location = self._get_once(url, max_bytes, accept, deadline)
+            fetched, location = self._get_once(url, (max_bytes, error_bytes), accept, deadline)
             if location is None:
                 return fetched
             url = self._next_url(url, location)
@@ -230,7 +234,7 @@ class HttpFetcher:
 
     # -- one request ----------------------------------------------------------------------
     def _get_once(
-        self, url: str, max_bytes: int, accept: str, deadline: float
+        self, url: str, caps: tuple[int, int], accept: str, deadline: float
     ) -> tuple[Fetched, str | None]:
         parts = urlsplit(url)
         name = parts.hostname
@@ -254,7 +258,7 @@ class HttpFetcher:
         while True:
             try:
                 conn = self._checkout(key) or self._connect(parts.scheme, address, port, name)
-                return self._exchange(key, conn, request, url, upstream, max_bytes, deadline)
+                return self._exchange(key, conn, request, url, upstream, caps, deadline)
             except _Stale:
                 continue  # the server closed an idle connection: the GET is sent again, afresh
             except _TRANSPORT_ERRORS as exc:
@@ -264,11 +268,13 @@ class HttpFetcher:
 
     def _exchange(
         self, key: tuple[str, str, int, str], conn: _Connection, request: bytes,
-        url: str, upstream: str, max_bytes: int, deadline: float,
+        url: str, upstream: str, caps: tuple[int, int], deadline: float,
     ) -> tuple[Fetched, str | None]:
         """Sends the GET and reads the answer; the connection goes back to the pool only after a
-        complete exchange, and is closed otherwise (an unread body is never drained)."""
+        complete exchange, and is closed otherwise (an unread body is never drained).
+        `caps`: the most body bytes read for status 200, and for any other status."""
         kept = False
+        max_bytes, error_bytes = caps
         answer = _Response(max_bytes)
         try:
             self._timeout(conn, deadline, url, upstream)
@@ -289,7 +295,9 @@ class HttpFetcher:
             if status in _REDIRECTS and location is not None:
                 return Fetched(url, status), location.decode("latin-1")
             if status != 200:
-                return Fetched(url, status), None
+                if not error_bytes:
+                    return Fetched(url, status, headers=answer.headers), None
+                answer.max_bytes = max_bytes = error_bytes
             declared = answer.headers.get(b"content-length", b"")
             if declared.isdigit() and int(declared) > max_bytes:
                 raise ResponseTooLarge(f"{url}: Content-Length {declared.decode()} > {max_bytes}",
@@ -305,7 +313,7 @@ class HttpFetcher:
                     raise ResolutionFailed(f"GET {url}: connection closed mid-body",
                                            upstream=upstream)
             kept = answer.keep_alive and not closed and answer.messages == 1
-            return Fetched(url, 200, bytes(answer.body)), None
+            return Fetched(url, status, bytes(answer.body), answer.headers), None
         finally:
             if kept:
                 self._checkin(key, conn)

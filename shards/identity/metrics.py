@@ -5,7 +5,10 @@ Keys (dotted; the exporter turns the middle parts into labels):
                                 result: ok, not_found, failed, mismatch, refused
   cache.hit, cache.miss, cache.coalesced, cache.size (gauge)
   breaker.trips, breaker.rejected, breaker.open (gauge: circuits now open)
-  breaker.state.<upstream> (gauge: 0 closed, 1 open, 2 half-open/ready to probe)
+  breaker.state.<upstream> (gauge: 0 closed, 1 open, 2 half-open/ready to probe; PDS hosts
+                             as pds:<host>)
+  pds.profile.<result>        profile fetches: found, absent, later, failed, refused, bad
+  pds.rate_limited.<host>     429 answers from one PDS host
 """
 from __future__ import annotations
 
@@ -52,5 +55,6 @@ class Counters:
             values = dict(self._values)
             gauges = list(self._gauges)
         for read in gauges:  # outside the lock: gauges take their owners' locks
-            values.update(read())
+            for key, value in read().items():  # two breakers' "breaker.open" add up
+                values[key] = values.get(key, 0) + value
         return values

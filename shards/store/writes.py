@@ -59,6 +59,12 @@ def _blob_cid(value: Any) -> str | None:
     return None
 
 
+def profile_fields(record: dict[str, Any]) -> tuple[str | None, ...]:
+    """display_name, description, avatar_cid and banner_cid of an app.bsky.actor.profile."""
+    return (_str(record.get("displayName")), _str(record.get("description")),
+            _blob_cid(record.get("avatar")), _blob_cid(record.get("banner")))
+
+
 def _subject(record: dict[str, Any]) -> tuple[str | None, str | None]:
     subject = record.get("subject")
     if isinstance(subject, dict):
@@ -103,11 +109,8 @@ class Changes:
             self.identities.add(ev.did)
         elif ev.collection == PROFILE:
             if ev.rkey == "self":
-                rec = ev.record or {}
-                self.profiles[ev.did] = (
-                    _str(rec.get("displayName")), _str(rec.get("description")),
-                    _blob_cid(rec.get("avatar")), _blob_cid(rec.get("banner")),
-                ) if ev.operation != "delete" else (None, None, None, None)
+                self.profiles[ev.did] = (profile_fields(ev.record or {})
+                                         if ev.operation != "delete" else (None,) * 4)
         else:
             table = TABLES.get(ev.collection or "", "records")
             uri = ev.uri
@@ -229,10 +232,11 @@ def lock_users(cur: psycopg.Cursor, dids: Iterable[str]) -> None:
 def _apply_rest(cur: psycopg.Cursor, changes: Changes) -> None:
     if changes.profiles or changes.accounts or changes.identities:
         lock_users(cur, {*changes.profiles, *changes.accounts, *changes.identities})
-    if changes.profiles:
+    if changes.profiles:  # the stream's profile wins: its PDS is not asked for one any more
         cur.executemany(
             "UPDATE users SET display_name = %s, description = %s, avatar_cid = %s,"
-            " banner_cid = %s, updated_at = now() WHERE did = %s",
+            " banner_cid = %s, profile_source = 'stream', profile_after = 'infinity',"
+            " updated_at = now() WHERE did = %s",
             [(*v, did) for did, v in changes.profiles.items()],
         )
     if changes.accounts:
