@@ -13,6 +13,7 @@ _NSID = re.compile(
     r"(\.[a-zA-Z]([a-zA-Z0-9]{0,62})?)"
 )
 _RKEY = re.compile(r"[a-zA-Z0-9_~.:-]{1,512}")
+_TID = re.compile(r"[234567abcdefghij][234567abcdefghijklmnopqrstuvwxyz]{12}")
 
 # Syntactically valid, but never resolvable as an atproto handle (atproto handle spec).
 _DISALLOWED_TLDS = frozenset(
@@ -36,6 +37,11 @@ def is_record_key(value: object) -> bool:
     if isinstance(value, str) and len(value) <= 512 and value.isascii() and value.isalnum():
         return True  # the common case (TIDs), without the regex
     return isinstance(value, str) and value not in (".", "..") and _RKEY.fullmatch(value) is not None
+
+
+def is_tid(value: object) -> bool:
+    """A timestamp identifier, as repository revisions are: 13 base32-sortable characters."""
+    return isinstance(value, str) and len(value) == 13 and _TID.fullmatch(value) is not None
 
 
 def handle_tld_allowed(handle: str) -> bool:

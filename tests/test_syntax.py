@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from shards.syntax import handle_tld_allowed, is_did, is_handle, is_nsid, is_record_key
+from shards.syntax import handle_tld_allowed, is_did, is_handle, is_nsid, is_record_key, is_tid
 
 DATA = Path(__file__).parent / "data" / "syntax"
 
@@ -15,6 +15,7 @@ CHECKS: dict[str, Callable[[object], bool]] = {
     "handle": is_handle,
     "nsid": is_nsid,
     "recordkey": is_record_key,
+    "tid": is_tid,
 }
 
 
@@ -27,7 +28,7 @@ def vectors(kind: str, validity: str) -> list[str]:
 @pytest.mark.parametrize("kind", sorted(CHECKS))
 def test_valid_vectors_accepted(kind: str) -> None:
     lines = vectors(kind, "valid")
-    assert len(lines) > 10
+    assert len(lines) > (3 if kind == "tid" else 10)
     assert [v for v in lines if not CHECKS[kind](v)] == []
 
 
