@@ -15,6 +15,7 @@ from pipeline.options import (
     RET_SOURCE,
     RET_USAGE,
     _short,
+    backfill_new_users_options,
     common_options,
     connect_database,
     database_options,
@@ -32,6 +33,7 @@ from pipeline.options import (
     setup_logging,
     transport_option,
 )
+from pipeline.backfill import backfill
 from pipeline.status import dead_letters, status
 
 
@@ -74,6 +76,7 @@ def main() -> None:
      metavar="BATCHES",
      help="With a redis:// transport: most batches waiting in a shard's stream; the reader waits "
           "while a stream is that long (nothing unprocessed is ever trimmed).")
+@backfill_new_users_options
 @pds_options
 @identity_options
 @database_options
@@ -81,6 +84,7 @@ def main() -> None:
 def run(replay: str | None, jetstream: str | None, collections: tuple[str, ...], shards: int,
         pool_budget: int, batch_size: int, from_start: bool, end_wait: float, metrics_port: int,
         metrics_addr: str, summary_json: str | None, transport: str, stream_limit: int,
+        backfill_new_users: bool, backfill_concurrency: int, max_repo_bytes: int,
         resolve_timeout: float, max_user_creations: int,
         plc_url: str, dns_server: str | None, allow_private_addresses: bool, dsn: str | None,
         data_dir: str, log_level: str) -> None:
@@ -127,7 +131,9 @@ def run(replay: str | None, jetstream: str | None, collections: tuple[str, ...],
         dsn=dsn, shards=shards, pool_budget=pool_budget, max_user_creations=max_user_creations,
         resolve_timeout=resolve_timeout,
         identity=identity_config(plc_url, dns_server, allow_private_addresses, resolve_timeout),
-        pds=pds_config(), batch_size=batch_size, from_start=from_start, end_wait=end_wait,
+        pds=pds_config(), backfill_new_users=backfill_new_users,
+        backfill_concurrency=backfill_concurrency, max_repo_bytes=max_repo_bytes,
+        batch_size=batch_size, from_start=from_start, end_wait=end_wait,
         log_level=log_level.upper(),
         log_format=log_format(),
         transport=redis_url or "local", stream_limit=stream_limit,
@@ -235,12 +241,14 @@ def refresh_users(due_only: bool, resolve_timeout: float, max_user_creations: in
           "shard stays locked before a new worker can take over its pending entries.")
 @opt("--refresh-interval", type=click.FloatRange(min=1), default=30.0, show_default=True,
      metavar="SECONDS", help="Pause between passes of this worker's refresher of incomplete users.")
+@backfill_new_users_options
 @pds_options
 @identity_options
 @database_options
 @common_options
 def worker(shard: int, shards: int, transport: str, pool_size: int | None, pool_budget: int,
-           lock_ttl: float, refresh_interval: float, resolve_timeout: float,
+           lock_ttl: float, refresh_interval: float, backfill_new_users: bool,
+           backfill_concurrency: int, max_repo_bytes: int, resolve_timeout: float,
            max_user_creations: int, plc_url: str, dns_server: str | None,
            allow_private_addresses: bool, dsn: str | None, data_dir: str, log_level: str) -> None:
     """One shard worker fed over Redis Streams, until SIGTERM/SIGINT (drains, then exits 0).
@@ -311,7 +319,9 @@ def worker(shard: int, shards: int, transport: str, pool_size: int | None, pool_
             slots=max(1, max_user_creations // shards), resolve_timeout=resolve_timeout,
             identity=identity_config(plc_url, dns_server, allow_private_addresses,
                                      resolve_timeout),
-            source="redis", pds=pds_config().share(shards), refresh_interval=refresh_interval,
+            source="redis", pds=pds_config().share(shards), backfill_new_users=backfill_new_users,
+            backfill_concurrency=max(1, backfill_concurrency // shards),
+            max_repo_bytes=max_repo_bytes, refresh_interval=refresh_interval,
             log_level=log_level.upper(),
             log_format=log_format(),
         )
@@ -364,6 +374,7 @@ def upgrade(dsn: str | None, data_dir: str, log_level: str) -> None:
     click.echo("applied " + ", ".join(applied) if applied else "schema is up to date")
 
 
+main.add_command(backfill)
 main.add_command(status)
 main.add_command(dead_letters)
 

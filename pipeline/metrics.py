@@ -122,9 +122,14 @@ class PipelineCollector:
         limited = CounterMetricFamily("pipeline_pds_rate_limited",
                                       "429 answers (Too Many Requests) by PDS host.",
                                       labels=["host"])
+        backfills = CounterMetricFamily("pipeline_backfills",
+                                        "Repositories of new users backfilled, by result.",
+                                        labels=["result"])
         for key, value in sorted(stats.items()):
             parts = key.split(".")
-            if parts[0] == "pds":
+            if parts[0] == "backfill" and len(parts) == 2:
+                backfills.add_metric(parts[1:], value)
+            elif parts[0] == "pds":
                 if parts[1] == "rate_limited":
                     limited.add_metric([key.split(".", 2)[2]], value)
                 elif len(parts) == 3:
@@ -137,7 +142,7 @@ class PipelineCollector:
                 breaker.add_metric([], value)
             elif key == "breaker.trips":
                 trips.add_metric([], value)
-        yield from (resolutions, cache, breaker, trips, fetches, limited)
+        yield from (resolutions, cache, breaker, trips, fetches, limited, backfills)
 
 
 def serve(port: int, addr: str, summary: Callable[[], Summary],

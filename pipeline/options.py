@@ -83,16 +83,8 @@ _PDS_FIELDS = {"fetch_profiles": "fetch_profiles", "pds_rate": "rate",
                "profile_retry": "absent_retry"}
 
 
-def pds_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """How PDS hosts are asked; read back with `pds_config()` rather than passed to `f`."""
-    f = opt("--profile-retry", type=click.FloatRange(min=1), default=_PDS.absent_retry,
-            show_default=True, metavar="SECONDS", expose_value=False, callback=_keep,
-            help="How long a user whose PDS has no profile record waits before it is asked "
-                 "again.")(f)
-    f = opt("--max-pds-fetches", type=click.IntRange(min=1), default=_PDS.concurrency,
-            show_default=True, expose_value=False, callback=_keep,
-            help="Most PDS requests in flight at once across the pipeline (split across shards, "
-                 "at least 1 each).")(f)
+def pds_limit_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """How hard PDS hosts are asked; read back with `pds_config()` rather than passed to `f`."""
     f = opt("--pds-host-concurrency", type=click.IntRange(min=1), default=_PDS.host_concurrency,
             show_default=True, expose_value=False, callback=_keep,
             help="Most requests in flight to one PDS host, per process.")(f)
@@ -101,6 +93,20 @@ def pds_options(f: Callable[..., Any]) -> Callable[..., Any]:
             help="Most requests a second to one PDS host for the whole pipeline (each shard asks "
                  "at its share; 0: no limit). 10 is the 3,000 per 5 minutes Bluesky's hosts "
                  "allow one address.")(f)
+    return f
+
+
+def pds_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The PDS limits, and how profiles are fetched; read back with `pds_config()`."""
+    f = opt("--profile-retry", type=click.FloatRange(min=1), default=_PDS.absent_retry,
+            show_default=True, metavar="SECONDS", expose_value=False, callback=_keep,
+            help="How long a user whose PDS has no profile record waits before it is asked "
+                 "again.")(f)
+    f = opt("--max-pds-fetches", type=click.IntRange(min=1), default=_PDS.concurrency,
+            show_default=True, expose_value=False, callback=_keep,
+            help="Most PDS requests in flight at once across the pipeline (split across shards, "
+                 "at least 1 each).")(f)
+    f = pds_limit_options(f)
     f = opt("--fetch-profiles/--no-fetch-profiles", default=True, show_default=True,
             expose_value=False, callback=_keep,
             help="Ask each user's PDS for its profile when none came from the stream.")(f)
@@ -111,6 +117,27 @@ def pds_config() -> PdsConfig:
     """The PdsConfig of the current command's `pds_options` (the whole pipeline's limits)."""
     values = click.get_current_context().meta.get("pds", {})
     return PdsConfig(**{_PDS_FIELDS[k]: v for k, v in values.items()})
+
+
+MAX_REPO_BYTES = 512 * 1024 * 1024
+
+
+def max_repo_bytes_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return opt("--max-repo-bytes", type=click.IntRange(min=1), default=MAX_REPO_BYTES,
+               show_default=True, metavar="BYTES",
+               help="A repository larger than this is refused, and not read further. Each one "
+                    "being fetched is held in memory whole, twice while it is decoded.")(f)
+
+
+def backfill_new_users_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = max_repo_bytes_option(f)
+    f = opt("--backfill-concurrency", type=click.IntRange(min=1), default=8, show_default=True,
+            help="With --backfill-new-users: repositories fetched at once across the pipeline "
+                 "(split across shards, at least 1 each), within the PDS limits.")(f)
+    f = opt("--backfill-new-users", is_flag=True, default=False,
+            help="Load the repository of every user the database has never seen (getRepo, "
+                 "verified whole) in the background, in order with its live events.")(f)
+    return f
 
 
 def transport_option(f: Callable[..., Any]) -> Callable[..., Any]:

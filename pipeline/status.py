@@ -33,6 +33,7 @@ from pipeline.options import (
 
 RECORD_TABLES = ("posts", "likes", "reposts", "follows", "blocks", "records")
 RAW_PREVIEW_CHARS = 80
+NOT_LINES = ("pds:", "backfill:")  # dead letters of these sources are not stream lines
 _FINGERPRINT_BYTES = 64 * 1024  # what FileSource hashes into a replay cursor's name
 
 
@@ -441,6 +442,9 @@ def dead_letters(source: str | None, limit: int, retry: bool, resolve_timeout: f
         return
     from shards.identity import build_directory
 
+    # PDS answers and refused repositories are no stream lines: asked for again on their own.
+    kept = [d for d in letters if d.source.startswith(NOT_LINES)]
+    letters = [d for d in letters if not d.source.startswith(NOT_LINES)]
     try:
         result = retry_letters(dsn, letters, lambda: build_directory(config), max_user_creations,
                                resolve_timeout)
@@ -451,5 +455,7 @@ def dead_letters(source: str | None, limit: int, retry: bool, resolve_timeout: f
                + (f", {result.gone} already gone" if result.gone else "")
                + f"; {result.users_created} users created"
                + (f" ({result.users_fallback} with the DID as handle)" if result.users_fallback else "")
-               + (f"; {more} more not retried (raise --limit)" if more else ""))
+               + (f"; {more} more not retried (raise --limit)" if more else "")
+               + (f"; {len(kept)} left alone (PDS answers and refused repositories, asked for"
+                  " again by the refresher and by pipeline backfill)" if kept else ""))
 

@@ -127,7 +127,8 @@ class Summary:
                 f"  {f.pending_user_creations:>27}  ({f.peak_active_user_creations}"
                 f" / {f.peak_pending_user_creations})"
             )
-        identity = {k: v for k, v in self.identity.items() if v and not k.startswith("pds.")}
+        identity = {k: v for k, v in self.identity.items()
+                    if v and not k.startswith(("pds.", "backfill."))}
         if identity:
             lines.append("identity          " + ", ".join(
                 f"{k} {v}" for k, v in sorted(identity.items())))
@@ -139,4 +140,8 @@ class Summary:
                 f"{k} {v}" for k, v in sorted(profiles.items()) if v)
                 + (f" (429s: {sum(limited.values())} from {len(limited)} hosts)" if limited
                    else ""))
+        backfills = {k[9:]: v for k, v in self.identity.items() if k.startswith("backfill.") and v}
+        if backfills:
+            lines.append("repositories      " + ", ".join(
+                f"{k} {v}" for k, v in sorted(backfills.items())) + " (new users backfilled)")
         return "\n".join(lines)

@@ -49,6 +49,9 @@ class RunOptions:
     resolve_timeout: float = 5.0
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     pds: PdsConfig = field(default_factory=PdsConfig)  # the whole pipeline's limits
+    backfill_new_users: bool = False
+    backfill_concurrency: int = 8  # the whole pipeline's
+    max_repo_bytes: int = 512 * 1024 * 1024
     batch_size: int = 1000
     linger: float = 0.05
     max_inflight: int = 2
@@ -244,6 +247,9 @@ class Supervisor:
             shard=sp.shard, shards=self.o.shards, dsn=self.o.dsn, pool_size=self.per_shard_pool,
             slots=self.slots, resolve_timeout=self.o.resolve_timeout, identity=self.o.identity,
             source=self.source.name, pds=self.o.pds.share(self.o.shards),
+            backfill_new_users=self.o.backfill_new_users,
+            backfill_concurrency=max(1, self.o.backfill_concurrency // self.o.shards),
+            max_repo_bytes=self.o.max_repo_bytes,
             refresh_interval=self.o.refresh_interval, end_wait=self.o.end_wait, log_level=self.o.log_level, log_format=self.o.log_format,
         )
         parent, child = self.ctx.Pipe(duplex=True)

@@ -37,6 +37,7 @@ class Event:
     record: dict[str, Any] | None = None
     active: bool | None = None
     status: str | None = None
+    rev: str | None = None  # the repository revision of a commit
 
     @property
     def uri(self) -> str:
@@ -105,6 +106,8 @@ def decode(raw: bytes, batch: int, idx: int, position: int) -> Event:
             if not isinstance(cid, str) or not cid:
                 raise BadEvent("commit missing cid")
             event.record, event.cid = record, cid
+        rev = commit.get("rev")
+        event.rev = rev if isinstance(rev, str) else None
     elif kind == "account":
         account = data.get("account")
         if not isinstance(account, dict) or not isinstance(account.get("active"), bool):

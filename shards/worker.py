@@ -21,14 +21,16 @@ import psycopg
 from common.logs import configure
 from shards import collector
 from shards.events import BadEvent, Event, decode
+from shards.backfill import DONE, Backfill
 from shards.identity import Counters, IdentityConfig, build_directory
+from shards.new_repos import NewRepos, Revs
 from shards.pds.client import PdsClient
 from shards.pds.config import PdsConfig
 from shards.profiles import ProfileFetcher
 from shards.refresher import Refresher
 from shards.stats import ShardStats
 from shards.store.pool import open_pool
-from shards.store.writes import Changes, Writer, existing_users
+from shards.store.writes import Changes, Writer, existing_users, repo_revs
 from shards.users import UserCreations
 
 log = logging.getLogger("pipeline.shard")
@@ -54,6 +56,9 @@ class WorkerConfig:
     identity: IdentityConfig
     source: str
     pds: PdsConfig = PdsConfig()  # this process's share of the pipeline's limits
+    backfill_new_users: bool = False
+    backfill_concurrency: int = 1  # repositories of new users fetched at once
+    max_repo_bytes: int = 512 * 1024 * 1024
     refresh_interval: float = 30.0
     end_wait: float = 1.0  # once the source has ended, the longest a new author is waited for
     known_capacity: int = 1_000_000
@@ -119,10 +124,16 @@ class ShardWorker:
         self.pool = open_pool(config.dsn, config.pool_size, name)
         counters = Counters()  # identity and PDS figures, reported together
         self.directory = build_directory(config.identity, counters=counters)
+        client = PdsClient(config.identity, config.pds, counters)  # one set of host limits
         profiles = None
         if config.pds.fetch_profiles:
-            profiles = ProfileFetcher(self.pool, PdsClient(config.identity, config.pds, counters),
-                                      config.shard, config.shards, poll=config.refresh_interval)
+            profiles = ProfileFetcher(self.pool, client, config.shard, config.shards,
+                                      poll=config.refresh_interval)
+        self.backfill = Backfill(self.pool, self.directory, client,
+                                 max_bytes=config.max_repo_bytes)
+        self.new_repos = (NewRepos(self.backfill, config.backfill_concurrency, counters)
+                          if config.backfill_new_users else None)
+        self.revs = Revs()
         self.refresher = Refresher(self.pool, self.directory, config.shard, config.shards,
                                    interval=config.refresh_interval, profiles=profiles)
         self.users = UserCreations(self.directory, config.slots, config.resolve_timeout,
@@ -170,30 +181,57 @@ class ShardWorker:
                 txn.changes.users.append(user.row())
                 self.known.add(pending.did)
                 for ev in pending.events:
-                    txn.add(ev)
+                    self._add(txn, ev)
             if txn.changes and txn.since is None:
                 txn.since = now
             if txn.changes and (self.stopping or txn.size() >= GROUP_EVENTS
                                 or now - txn.since >= LINGER):
-                self._commit(txn)
-                self.conn.send(("ack", self.config.shard, txn.acks.batches))
-                self._offer_profiles(txn.changes)
-                txn = OpenWrite()
+                txn = self._finish(txn)
+            if self.new_repos is not None:
+                ready = self.new_repos.ready()
+                if ready and txn.changes:  # the live events before them are written first
+                    txn = self._finish(txn)
+                for did, (ident, repo, size) in ready:
+                    outcome = self.backfill.write(ident, repo, size)
+                    if outcome.result == DONE:
+                        self.revs.set(did, repo.rev)
+                    self.new_repos.written(did, outcome)
             if now - last_stats >= STATS_EVERY:
                 self.conn.send(("stats", self.config.shard, self.snapshot()))
                 last_stats = now
         self.refresher.stop()
+        if self.new_repos is not None:
+            self.new_repos.stop()
         self.conn.send(("stats", self.config.shard, self.snapshot()))
 
-    def _offer_profiles(self, changes: Changes) -> None:
-        """New users with a PDS and no profile from the stream go to the profile fetcher now,
-        rather than at its next read of the table (never waiting on it)."""
+    def _finish(self, txn: OpenWrite) -> OpenWrite:
+        """Commits and acknowledges a transaction; its new users go to the background jobs."""
+        self._commit(txn)
+        self.conn.send(("ack", self.config.shard, txn.acks.batches))
+        self._offer_new_users(txn.changes)
+        return OpenWrite()
+
+    def _add(self, txn: OpenWrite, ev: Event) -> None:
+        """An event into the open transaction, unless the repository snapshot written for its
+        author holds it already (acknowledged, not written)."""
+        if ev.rev is not None:
+            if self.revs.stale(ev.did, ev.rev):
+                txn.acks.add(ev.batch, ev.idx)
+                txn.changes.noops += 1
+                return
+            if self.new_repos is not None:
+                self.new_repos.live(ev.did, ev.rev)
+        txn.add(ev)
+
+    def _offer_new_users(self, changes: Changes) -> None:
+        """New users go to the background jobs now, never waiting on them: those with a PDS and
+        no profile from the stream to the profile fetcher, all to the repository backfill."""
         profiles = self.refresher.profiles
-        if profiles is None:
-            return
         for did, _handle, _incomplete, _verified, pds in changes.users:
-            if pds is not None and did not in changes.profiles:
+            if profiles is not None and pds is not None and did not in changes.profiles:
                 profiles.offer(did, pds)
+            if self.new_repos is not None:
+                self.new_repos.offer(did)
 
     def snapshot(self) -> ShardStats:
         self.stats.gauges(self.users.active, len(self.users.pending))
@@ -227,7 +265,7 @@ class ShardWorker:
                 pending.events.append(ev)
                 self.users.coalesced += 1
             elif ev.did in self.known:
-                txn.add(ev)
+                self._add(txn, ev)
             else:
                 unknown.setdefault(ev.did, []).append(ev)
         if not unknown:
@@ -237,7 +275,7 @@ class ShardWorker:
             if did in existing:
                 self.known.add(did)
                 for ev in evs:
-                    txn.add(ev)
+                    self._add(txn, ev)
             else:
                 self.users.begin(did, received).events.extend(evs)
 
@@ -245,6 +283,8 @@ class ShardWorker:
         for attempt in range(1_000_000):
             try:
                 with self.pool.connection() as conn:
+                    for did, rev in repo_revs(conn, dids):  # backfilled: older commits skip
+                        self.revs.set(did, rev)
                     return existing_users(conn, dids)
             except psycopg.OperationalError as exc:
                 self._backoff(attempt, exc)

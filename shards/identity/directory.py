@@ -1,20 +1,22 @@
 """The identity interface every resolver, cache and breaker implements, and its errors."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Protocol
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 INVALID_HANDLE = "handle.invalid"
 
 
 @dataclass(frozen=True)
 class Identity:
-    """What the pipeline stores about an account: the claimed or verified handle and its PDS."""
+    """What the pipeline stores about an account: the claimed or verified handle and its PDS,
+    and the document's verification methods, where firehose commits find the signing key."""
 
     did: str
     handle: str
     handle_verified: bool = False
     pds: str | None = None
+    verification_methods: tuple[Any, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def complete(self) -> bool:

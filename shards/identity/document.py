@@ -34,7 +34,9 @@ def parse_document(did: str, body: bytes) -> Identity:
         raise ResolutionFailed(f"DID document of {did} has no id")
     if doc["id"] != did:
         raise DIDMismatch(f"asked for {did}, document is for {doc['id'][:200]!r}")
-    return Identity(did=did, handle=_handle(doc), pds=_pds(did, doc))
+    methods = doc.get("verificationMethod")
+    return Identity(did=did, handle=_handle(doc), pds=_pds(did, doc),
+                    verification_methods=tuple(methods) if isinstance(methods, list) else ())
 
 
 def _handle(doc: dict[str, Any]) -> str:

@@ -139,13 +139,14 @@ class HttpFetcher:
         self._user_agent = config.user_agent
 
     def get(self, url: str, *, max_bytes: int, accept: str = "application/json",
-            error_bytes: int = 0) -> Fetched:
+            error_bytes: int = 0, timeout: float | None = None) -> Fetched:
         """Fetches `url`. Non-200 statuses come with their body only when it is at most
-        `error_bytes` (an error message).
+        `error_bytes` (an error message); `timeout` replaces the config's total timeout (a
+        repository download); each read still gives up after the read timeout.
 
         Raises AddressRefused, HostNotFound (the name does not exist), ResponseTooLarge or
         ResolutionFailed (DNS, transport, timeout, too many redirects)."""
-        deadline = time.monotonic() + self._config.total_timeout
+        deadline = time.monotonic() + (timeout or self._config.total_timeout)
         for _ in range(self._config.max_redirects + 1):
             if time.monotonic() > deadline:
                 raise ResolutionFailed(f"GET {url}: out of time", upstream=urlsplit(url).netloc)

@@ -34,7 +34,8 @@ ABSENT_ERRORS = frozenset(("RecordNotFound", "RepoNotFound", "RepoTakendown", "R
                            "RepoSuspended"))
 # The reference PDS says InvalidRequest with these messages for a missing record or repository.
 _ABSENT_MESSAGES = ("Could not locate record", "Could not find repo", "Could not find user")
-_EPOCH_AFTER = 1_000_000_000  # a RateLimit-Reset this large is a Unix time, not a delay
+_EPOCH_AFTER = 1_000_000_000
+CAR_TYPE = "application/vnd.ipld.car"  # a RateLimit-Reset this large is a Unix time, not a delay
 
 FOUND, ABSENT, LATER, FAILED, REFUSED, BAD = "found", "absent", "later", "failed", "refused", "bad"
 RESULTS = (FOUND, ABSENT, LATER, FAILED, REFUSED, BAD)
@@ -133,29 +134,51 @@ class PdsClient:
 
     def profile(self, did: str, base: str, host: str) -> Answer:
         """The profile record of `did` from the PDS at `base` (the caller holds a slot)."""
-        answer = self._profile(did, base, host)
+        query = urlencode({"repo": did, "collection": PROFILE, "rkey": "self"})
+        url = f"{base}/xrpc/com.atproto.repo.getRecord?{query}"
+        got = self._get(url, host, self.config.profile_max_bytes, "application/json")
+        if isinstance(got, Answer):
+            answer = self._bad(got.detail, got.raw) if got.result == BAD else got
+        else:
+            answer = self._read_profile(host, got)
         self.counters.inc(f"pds.profile.{answer.result}")
         return answer
 
-    def _profile(self, did: str, base: str, host: str) -> Answer:
+    def repo(self, did: str, base: str, host: str, max_bytes: int) -> Answer:
+        """The repository of `did` as a CAR (the `raw` of a found answer) from the PDS at
+        `base`, at most `max_bytes` (the caller holds a slot)."""
+        url = f"{base}/xrpc/com.atproto.sync.getRepo?{urlencode({'did': did})}"
+        got = self._get(url, host, max_bytes, CAR_TYPE, self.config.repo_timeout)
+        if isinstance(got, Answer):
+            answer = got
+        elif got.status == 200:
+            answer = Answer(FOUND, raw=got.body)
+        else:
+            answer = self._status(host, got) or Answer(FAILED, detail=f"HTTP {got.status}"
+                                                                       f" from {host}")
+        self.counters.inc(f"pds.repo.{answer.result}")
+        return answer
+
+    def _get(self, url: str, host: str, max_bytes: int, accept: str,
+             timeout: float | None = None) -> Fetched | Answer:
+        """One GET through the host's circuit: the answer when it is one for every kind of
+        request (transport failures, 5xx, refused addresses, oversized bodies, open circuit)."""
         try:
             ticket = self._breakers.enter(f"pds:{host}")
         except CircuitOpen:
             self.limits.pause(host, self.config.breaker_cooldown)
             return Answer(LATER, retry_in=self.config.breaker_cooldown,
                           detail=f"circuit open for {host}")
-        query = urlencode({"repo": did, "collection": PROFILE, "rkey": "self"})
-        url = f"{base}/xrpc/com.atproto.repo.getRecord?{query}"
         try:
-            fetched = self._http.get(url, max_bytes=self.config.profile_max_bytes,
-                                     error_bytes=self.config.error_max_bytes)
+            fetched = self._http.get(url, max_bytes=max_bytes, accept=accept,
+                                     error_bytes=self.config.error_max_bytes, timeout=timeout)
         except AddressRefused as exc:
             self._breakers.abandon(ticket)
             return Answer(REFUSED, retry_in=self.config.absent_retry, detail=str(exc))
-        except ResponseTooLarge as exc:
+        except ResponseTooLarge:
             self._breakers.success(ticket)
-            return self._bad(f"answer over {self.config.profile_max_bytes} bytes ({exc})",
-                             url.encode())
+            return Answer(BAD, retry_in=self.config.absent_retry,
+                          detail=f"answer over {max_bytes} bytes", raw=url.encode())
         except HostNotFound as exc:
             self._breakers.abandon(ticket)
             return Answer(FAILED, detail=str(exc))
@@ -166,9 +189,10 @@ class PdsClient:
             self._breakers.failure(ticket)
             return Answer(FAILED, detail=f"HTTP {fetched.status} from {host}")
         self._breakers.success(ticket)
-        return self._read(host, fetched)
+        return fetched
 
-    def _read(self, host: str, fetched: Fetched) -> Answer:
+    def _status(self, host: str, fetched: Fetched) -> Answer | None:
+        """What a 429 or an XRPC "not there" error means, for any kind of request."""
         status = fetched.status
         if status == 429:
             wait = retry_after(fetched.headers, self.config.rate_limited_wait,
@@ -182,8 +206,12 @@ class PdsClient:
             if status == 404 or error in ABSENT_ERRORS or message.startswith(_ABSENT_MESSAGES):
                 return Answer(ABSENT, retry_in=self.config.absent_retry,
                               detail=f"HTTP {status} {error}".rstrip())
-        if status != 200:
-            return Answer(FAILED, detail=f"HTTP {status} from {host}")
+        return None
+
+    def _read_profile(self, host: str, fetched: Fetched) -> Answer:
+        if fetched.status != 200:
+            return self._status(host, fetched) or Answer(
+                FAILED, detail=f"HTTP {fetched.status} from {host}")
         try:
             data = orjson.loads(fetched.body)
         except orjson.JSONDecodeError as exc:

@@ -26,6 +26,7 @@ class PdsConfig:
     max_backoff: float = 6 * 3600.0
     rate_limited_wait: float = 60.0  # a 429 that says nothing about when to come back
     max_rate_limited_wait: float = 3600.0  # the longest Retry-After or RateLimit-Reset honoured
+    repo_timeout: float = 600.0  # one repository download, whole (each read: the read timeout)
     breaker_threshold: int = 5  # consecutive failures of one host that open its circuit
     breaker_cooldown: float = 30.0
 

@@ -101,6 +101,8 @@ class Changes:
     identities: set[str] = field(default_factory=set)
     users: list[tuple[Any, ...]] = field(default_factory=list)
     dead: list[tuple[str, int, bytes, str]] = field(default_factory=list)
+    revs: dict[str, str] = field(default_factory=dict)  # newest repository rev per DID
+    noops: int = 0  # events acknowledged with nothing to write (skipped frames)
 
     def add(self, ev: Event) -> None:
         if ev.kind == "account":
@@ -123,7 +125,7 @@ class Changes:
 
     def __bool__(self) -> bool:
         return bool(self.upserts or self.deletes or self.profiles or self.accounts
-                    or self.identities or self.users or self.dead)
+                    or self.identities or self.users or self.dead or self.revs or self.noops)
 
 
 STAGING = [
@@ -220,6 +222,12 @@ def existing_users(conn: psycopg.Connection, dids: list[str]) -> set[str]:
     return {r[0] for r in conn.execute("SELECT did FROM users WHERE did = ANY(%s)", (dids,))}
 
 
+def repo_revs(conn: psycopg.Connection, dids: list[str]) -> list[tuple[str, str]]:
+    """(did, rev) of the repository snapshot or commit last applied, for those of these DIDs
+    that have one."""
+    return conn.execute("SELECT did, rev FROM repo_revs WHERE did = ANY(%s)", (dids,)).fetchall()
+
+
 def lock_users(cur: psycopg.Cursor, dids: Iterable[str]) -> None:
     """Locks these users' rows in one order (bytewise DID order) before they are updated.
 
@@ -249,6 +257,12 @@ def _apply_rest(cur: psycopg.Cursor, changes: Changes) -> None:
             "UPDATE users SET incomplete = true, refresh_after = now(), refresh_attempts = 0"
             " WHERE did = ANY(%s)",
             (list(changes.identities),),
+        )
+    if changes.revs:  # a rev only moves forward, whoever wrote the one there (backfill too)
+        cur.executemany(
+            "INSERT INTO repo_revs (did, rev) VALUES (%s, %s) ON CONFLICT (did) DO UPDATE"
+            " SET rev = EXCLUDED.rev, updated_at = now() WHERE repo_revs.rev < EXCLUDED.rev",
+            sorted(changes.revs.items()),
         )
     if changes.dead:
         cur.executemany(
