@@ -23,7 +23,7 @@ from shards.identity.directory import (
     DIDNotFound, Directory, Identity, IdentityError, ResolutionFailed,
 )
 from shards.pds.client import ABSENT, BAD, FOUND, LATER, EndpointRefused, PdsClient
-from shards.store.writes import Changes, Writer, existing_users
+from shards.store.writes import DEAD_LETTER, Changes, Writer, existing_users
 
 log = logging.getLogger("pipeline.backfill")
 
@@ -130,10 +130,7 @@ class Backfill:
         raw = car[:DEAD_RAW_BYTES] or did.encode()
         try:
             with self._pool.connection() as conn:
-                conn.execute(
-                    "INSERT INTO dead_letters (source, position, raw, error) VALUES (%s, 0, %s, %s)"
-                    " ON CONFLICT (source, position, raw_sha256) DO NOTHING",
-                    (f"{SOURCE}:{did}", raw, reason))
+                conn.execute(DEAD_LETTER, (f"{SOURCE}:{did}", 0, raw, reason))
         except psycopg.OperationalError as exc:
             log.warning("could not keep the refusal of %s: %s", did, exc)
         return Outcome(did, REFUSED, size=len(car), reason=reason)

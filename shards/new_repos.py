@@ -8,15 +8,18 @@ would take the records back in time. Once a snapshot is written, live commits of
 rev not newer than its own are skipped (`Revs`): the snapshot holds them already."""
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
-from shards.backfill import SKIPPED, Backfill, Outcome
+from shards.backfill import FAILED, SKIPPED, Backfill, Outcome
 from shards.firehose.verify import Repo
 from shards.identity.directory import Identity
 from shards.identity.metrics import Counters
+
+log = logging.getLogger("pipeline.backfill")
 
 FETCHES = 3  # snapshots fetched for one DID while live commits keep being newer
 MAX_WAITING = 100_000  # DIDs waiting for their repository, per worker; more are counted, dropped
@@ -68,8 +71,15 @@ class NewRepos:
 
     def _fetch(self, did: str) -> None:
         self.waiting[did] += 1
-        self._threads.submit(lambda: self._ready.put((did, self._backfill.fetch_verified(
-            did, self._stop))))
+        self._threads.submit(self._load, did)
+
+    def _load(self, did: str) -> None:
+        try:
+            got: Fetched = self._backfill.fetch_verified(did, self._stop)
+        except Exception as exc:  # a bug, not an answer: counted as a failure, never lost
+            log.exception("backfill of %s failed", did)
+            got = Outcome(did, FAILED, reason=str(exc))
+        self._ready.put((did, got))
 
     def stop(self) -> None:
         """Repositories not yet written are dropped (their users are not backfilled)."""

@@ -25,13 +25,16 @@ from common.routing import sql_shard_expr
 from shards.pds.client import (
     ABSENT, BAD, FAILED, FOUND, LATER, REFUSED, Answer, EndpointRefused, PdsClient,
 )
-from shards.store.writes import lock_users
+from shards.store.writes import DEAD_LETTER, lock_users
 
 log = logging.getLogger("pipeline.profiles")
 
 BACKLOG = 10_000  # users read and not yet written, per process
 POLL = 30.0  # seconds between reads of due users
 STEP = 0.5  # the longest the loop sleeps: offered users wait at most this long
+# The shortest: each wake-up of the loop takes the interpreter lock from the worker's main
+# thread, so requests that end and host slots that open are gathered 0.1 s at a time.
+MIN_STEP = 0.1
 FLUSH_EVERY, FLUSH_COUNT = 0.5, 200  # outcomes are written this often, or this many at once
 PASS_WAIT = 30.0  # one pass (refresh-users) waits for a paused host at most this long
 
@@ -55,8 +58,6 @@ _FAILED = ("UPDATE users u SET profile_attempts = u.profile_attempts + 1, profil
 # No PDS known yet: nothing to ask until the refresher finds one (it makes the user due again).
 _NO_PDS = "UPDATE users SET profile_after = 'infinity' WHERE did = ANY(%s) AND pds IS NULL"
 _WITHOUT_PDS = Answer("no_pds")
-_DEAD = ("INSERT INTO dead_letters (source, position, raw, error) VALUES (%s, 0, %s, %s)"
-         " ON CONFLICT (source, position, raw_sha256) DO NOTHING")
 
 
 @dataclass
@@ -95,7 +96,6 @@ class ProfileFetcher:
         self._flush_at = math.inf
         self._next_read = 0.0
         self._last_read_new = 0
-        self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.result = ProfileResult()
@@ -108,7 +108,6 @@ class ProfileFetcher:
     def stop(self) -> None:
         """Stops asking; answers still on their way are dropped (those users stay due)."""
         self._stop.set()
-        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=2)
         self._threads.shutdown(wait=False, cancel_futures=True)
@@ -120,13 +119,12 @@ class ProfileFetcher:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._wake.clear()  # before the step: a request that ends during it is not missed
             try:
                 delay = self.step()
             except Exception:  # never let the loop die; the next step tries again
                 log.exception("%s: step failed", self.name)
                 delay = STEP
-            self._wake.wait(delay)
+            self._stop.wait(delay)
 
     def run_pass(self, due_only: bool = True, wait: float = PASS_WAIT) -> ProfileResult:
         """Asks about every due user, waiting for a paused host at most `wait` seconds (its users
@@ -137,7 +135,6 @@ class ProfileFetcher:
                 conn.execute("UPDATE users SET profile_after = now() WHERE profile_source IS NULL"
                              f" AND profile_after > now() AND profile_after < 'infinity'{self._where}")
         while not self._stop.is_set():
-            self._wake.clear()
             delay = self.step(read_now=not self._held)
             if not self._held and not self._last_read_new:
                 break
@@ -145,7 +142,7 @@ class ProfileFetcher:
                     self._limits.paused_for(host) > wait for host in self._waiting):
                 self._drop_waiting()
                 break
-            self._wake.wait(delay)
+            self._stop.wait(delay)
         return self.result
 
     # -- one step ----------------------------------------------------------------------------
@@ -168,7 +165,7 @@ class ProfileFetcher:
             self._write()
         delay = min(STEP, next_slot, self._flush_at - now,
                     self._next_read - now if can_read else math.inf)
-        return max(0.005, delay)
+        return max(MIN_STEP, delay)
 
     def _read(self) -> None:
         with self._pool.connection() as conn:
@@ -200,11 +197,12 @@ class ProfileFetcher:
         return True
 
     def _dispatch(self) -> float:
-        """Starts every request a host allows now; returns seconds until a host allows one."""
+        """Starts every request a host allows now (the threads, `concurrency` of them, take them
+        in turn); returns seconds until a host allows one."""
         soonest = math.inf
         for host in list(self._waiting):
             waiting = self._waiting[host]
-            while waiting and self._running < self._config.concurrency:
+            while waiting:
                 ready_in = self._limits.ready_in(host)
                 if ready_in > 0:
                     soonest = min(soonest, ready_in)
@@ -217,7 +215,7 @@ class ProfileFetcher:
                 del self._waiting[host]
             else:  # the next step starts with the hosts served least recently
                 self._waiting[host] = self._waiting.pop(host)
-        return soonest if self._running < self._config.concurrency else STEP
+        return soonest
 
     def _ask(self, did: str, base: str, host: str) -> None:
         try:
@@ -227,8 +225,7 @@ class ProfileFetcher:
             answer = Answer(FAILED, detail=str(exc))
         finally:
             self._limits.leave(host)
-        self._done.put((did, base, answer))
-        self._wake.set()
+        self._done.put((did, base, answer))  # gathered at the next step
 
     def _collect(self, now: float) -> None:
         while not self._done.empty():
@@ -267,7 +264,7 @@ class ProfileFetcher:
                 for sql, params in statements:
                     cur.execute(sql, params)
                 if dead:
-                    cur.executemany(_DEAD, dead)
+                    cur.executemany(DEAD_LETTER, dead)
         except psycopg.OperationalError as exc:
             log.warning("%s: could not save profiles: %s", self.name, exc)
         else:
@@ -281,7 +278,7 @@ class ProfileFetcher:
 
 def _statements(outcomes: list[tuple[str, str, Answer]], first_backoff: float,
                 max_backoff: float) -> tuple[list[tuple[str, tuple[object, ...]]],
-                                             list[tuple[str, bytes, str]]]:
+                                             list[tuple[str, int, bytes, str]]]:
     """One statement per kind of outcome, and the dead letters of answers that were no profile."""
     found: list[tuple[object, ...]] = []
     absent: list[tuple[str, float]] = []
@@ -301,7 +298,7 @@ def _statements(outcomes: list[tuple[str, str, Answer]], first_backoff: float,
         else:  # REFUSED, BAD: asked again when retry_in has passed
             retry.append((did, answer.retry_in))
             if answer.result == BAD:
-                dead.append((f"pds:{host}", answer.raw or did.encode(), answer.detail))
+                dead.append((f"pds:{host}", 0, answer.raw or did.encode(), answer.detail))
     statements: list[tuple[str, tuple[object, ...]]] = []
     for sql, rows in ((_FOUND, found), (_ABSENT, absent), (_RETRY, retry)):
         if rows:

@@ -20,8 +20,8 @@ import psycopg
 
 from common.logs import configure
 from shards import collector
-from shards.events import BadEvent, Event, decode
 from shards.backfill import DONE, Backfill
+from shards.events import BadEvent, Event, decode
 from shards.identity import Counters, IdentityConfig, build_directory
 from shards.new_repos import NewRepos, Revs
 from shards.pds.client import PdsClient

@@ -10,6 +10,8 @@ repository not in `repos` the same with RepoNotFound. Requests are counted per D
 with their arrival times in `log`. Runs on the stubs' event loop (tools/stub_http.py)."""
 from __future__ import annotations
 
+import base64
+import hashlib
 import random
 import threading
 import time
@@ -17,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import unquote
 
 import click
 import orjson
@@ -50,8 +52,17 @@ class Seen:
 
 def _record_cid(did: str) -> str:
     """A stable CID-shaped string per DID (the stub does not encode records)."""
-    return "bafyrei" + "".join(random.Random(did).choices("abcdefghijklmnopqrstuvwxyz234567",
-                                                          k=52))
+    digest = hashlib.sha256(did.encode()).digest()
+    return "bafyrei" + base64.b32encode(digest + digest[:4]).decode().lower()[:52]
+
+
+def _param(query: str, *names: str) -> str:
+    """The first of `names` in a query string, percent-decoded ("" when absent)."""
+    for part in query.split("&"):
+        name, _, value = part.partition("=")
+        if name in names:
+            return unquote(value)
+    return ""
 
 
 class FakePDS(LoopStub):
@@ -72,6 +83,7 @@ class FakePDS(LoopStub):
         self.hanging: set[str] = set(hang_dids)
         self.log: list[Seen] = []
         self._log_lock = threading.Lock()
+        self._answers: dict[str, tuple[object, bytes]] = {}  # did -> (profile, its 200 answer)
 
     def __enter__(self) -> FakePDS:
         self.start()
@@ -103,8 +115,7 @@ class FakePDS(LoopStub):
 
     # -- answers ---------------------------------------------------------------------------------
     def key_of(self, request: Request) -> str:
-        params = parse_qs(request.query)
-        return (params.get("repo") or params.get("did") or [""])[0]
+        return _param(request.query, "repo", "did")
 
     def count(self, request: Request) -> None:
         method = request.path.rsplit(".", 1)[-1]
@@ -128,21 +139,25 @@ class FakePDS(LoopStub):
                                  else "InternalServerError", "message": "stub failure"})
             return Reply(http_response(failure.status, body, headers=headers), delay)
         if request.path == GET_RECORD:
-            return Reply(self._record(did, parse_qs(request.query)), delay)
+            return Reply(self._record(did, request.query), delay)
         if request.path == GET_REPO:
             return Reply(self._repo(did), delay)
         return Reply(http_response(404, b'{"error": "MethodNotImplemented"}'), delay)
 
-    def _record(self, did: str, params: dict[str, list[str]]) -> bytes:
-        collection = (params.get("collection") or [""])[0]
-        rkey = (params.get("rkey") or [""])[0]
+    def _record(self, did: str, query: str) -> bytes:
+        """The answer for a record; a profile's is built once (again if it was replaced)."""
+        collection, rkey = _param(query, "collection"), _param(query, "rkey")
         uri = f"at://{did}/{collection}/{rkey}"
         profile = self.profiles.get(did) if (collection, rkey) == (PROFILE, "self") else None
         if profile is None:
             body = {"error": "RecordNotFound", "message": f"Could not locate record: {uri}"}
             return http_response(self.absent_status, orjson.dumps(body))
-        return http_response(200, orjson.dumps(
-            {"uri": uri, "cid": _record_cid(did), "value": profile}))
+        cached = self._answers.get(did)
+        if cached is None or cached[0] is not profile:
+            cached = (profile, http_response(200, orjson.dumps(
+                {"uri": uri, "cid": _record_cid(did), "value": profile})))
+            self._answers[did] = cached
+        return cached[1]
 
     def _repo(self, did: str) -> bytes:
         car = self.repos.get(did)

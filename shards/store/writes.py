@@ -102,7 +102,7 @@ class Changes:
     users: list[tuple[Any, ...]] = field(default_factory=list)
     dead: list[tuple[str, int, bytes, str]] = field(default_factory=list)
     revs: dict[str, str] = field(default_factory=dict)  # newest repository rev per DID
-    noops: int = 0  # events acknowledged with nothing to write (skipped frames)
+    noops: int = 0  # events acknowledged with nothing to write (commits a snapshot holds)
 
     def add(self, ev: Event) -> None:
         if ev.kind == "account":
@@ -146,6 +146,11 @@ MERGE = {
               + ", ".join(f"{c} = EXCLUDED.{c}" for c in cols[1:]))
     for table, cols in {**COLUMNS, "users": USER_COLUMNS}.items()
 }
+
+
+# (source, position, raw, error); the same line dead twice is kept once
+DEAD_LETTER = ("INSERT INTO dead_letters (source, position, raw, error) VALUES (%s, %s, %s, %s)"
+               " ON CONFLICT (source, position, raw_sha256) DO NOTHING")
 
 
 def prepare_connection(conn: psycopg.Connection) -> None:
@@ -265,8 +270,4 @@ def _apply_rest(cur: psycopg.Cursor, changes: Changes) -> None:
             sorted(changes.revs.items()),
         )
     if changes.dead:
-        cur.executemany(
-            "INSERT INTO dead_letters (source, position, raw, error) VALUES (%s, %s, %s, %s)"
-            " ON CONFLICT (source, position, raw_sha256) DO NOTHING",
-            changes.dead,
-        )
+        cur.executemany(DEAD_LETTER, changes.dead)
