@@ -122,6 +122,11 @@ def test_a_forged_repository_is_refused_whole(dsn: str) -> None:
     [(source, error, size)] = query(dsn, "SELECT source, error, length(raw) FROM dead_letters")
     assert source == f"backfill:{REPO_DID}" and error.startswith("record hash: ")
     assert size == len(forged())
+    # Not a stream line: a retry of the dead letters leaves it as it is.
+    retry = run_pipeline("dead-letters", "--retry", "--dsn", dsn)
+    assert retry.returncode == 0, retry.stderr
+    assert "retried 0" in retry.stdout and "1 left alone" in retry.stdout
+    assert query(dsn, "SELECT error FROM dead_letters") == [(error,)]
 
 
 def test_every_did_is_tried_and_failures_make_the_exit_non_zero(dsn: str, tmp_path: Path) -> None:

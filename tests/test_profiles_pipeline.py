@@ -13,6 +13,7 @@ import psycopg
 from shards.store.writes import profile_fields
 from tests.conftest import HOLD, fake_network, identity_args, query, run_pipeline, \
     start_pipeline, wait_until
+from tests.test_live import free_port, scrape
 from tools.fake_dns import FakeDNS
 from tools.fake_pds import FakePDS
 from tools.fake_plc import FakePLC
@@ -72,11 +73,16 @@ def test_every_user_ends_with_its_profile_or_none(dsn: str, tmp_path: Path) -> N
             pds.fail(did, 429, times=1, retry_after=1)
         last = authors[-1]
         plc.hold(last)  # keeps the run going while the workers fetch in the background
+        port = free_port()
         proc = start_pipeline("run", "--replay", str(path), "--dsn", dsn, "--shards", "2",
                               "--summary-json", str(tmp_path / "summary.json"),
-                              *identity_args(plc, dns), *HOLD)
+                              "--metrics-port", str(port), *identity_args(plc, dns), *HOLD)
+        host = f"{pds_host(limited[0])}:{pds.port}"
         try:
             wait_until(lambda: everyone_but(dsn, last, len(authors)), timeout=90)
+            wait_until(lambda: scrape(port).get(f'pipeline_pds_rate_limited_total{{host="{host}"}}',
+                                                0) >= 1, timeout=30)
+            seen = scrape(port)
         finally:
             plc.release(last)
         out, err = proc.communicate(timeout=120)
@@ -99,6 +105,8 @@ def test_every_user_ends_with_its_profile_or_none(dsn: str, tmp_path: Path) -> N
             assert got[did] == ("pds", *profile_fields(profiles[did])), did
         else:
             assert got[did] == ("none", None, None, None, None), did
+    assert seen['pipeline_pds_fetches_total{kind="profile",result="found"}'] > 0
+    assert seen['pipeline_pds_fetches_total{kind="profile",result="later"}'] >= 1
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["identity"]["pds.profile.later"] >= len(limited)
     assert "profiles fetched  absent" in out and "429s: " in out
