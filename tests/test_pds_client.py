@@ -16,7 +16,6 @@ from shards.pds.client import (
 )
 from shards.pds.config import PdsConfig
 from shards.pds.hosts import HostLimits
-from tests.conftest import wait_until
 from tools.fake_pds import FakePDS
 
 A, B, C = ("did:plc:" + c * 24 for c in "abc")

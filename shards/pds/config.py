@@ -18,7 +18,6 @@ class PdsConfig:
     rate: float = DEFAULT_RATE  # per PDS host; 0: no limit
     host_concurrency: int = 2  # requests in flight per PDS host
     concurrency: int = 32  # requests in flight in all
-    horizon: float = 0.25  # a request its host can take within this long waits; later: rescheduled
     profile_max_bytes: int = 64 * 1024
     error_max_bytes: int = 4 * 1024  # an error answer's body (its XRPC error name) read at most
     absent_retry: float = 24 * 3600.0  # a PDS without the profile record is asked again after this
