@@ -2,6 +2,7 @@
 stream's events; a summary at the end, and a non-zero exit when any was refused or failed."""
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 
 import click
 
+from pipeline.endpoints import start_line
 from pipeline.options import (
     RET_ERROR,
     RET_OK,
@@ -33,6 +35,8 @@ from shards.backfill import DONE, FAILED, REFUSED, SKIPPED, Outcome
 from shards.syntax import is_did, is_nsid
 
 RET_INTERRUPTED = 130
+
+log = logging.getLogger("pipeline")
 
 
 @dataclass
@@ -130,6 +134,7 @@ def backfill(dids: tuple[str, ...], dids_file: str | None, collections: tuple[st
     dsn = resolve_dsn(dsn, data_dir)
     open_database(dsn).close()
     identity = identity_config(plc_url, dns_server, allow_private_addresses, resolve_timeout)
+    log.info(start_line(identity, dsn))
     counters = Counters()
     directory = build_directory(identity, counters=counters)
     pool = open_pool(dsn, concurrency, "pipeline-backfill")

@@ -8,6 +8,7 @@ from typing import Any
 import click
 import psycopg
 
+from pipeline.endpoints import start_line
 from pipeline.options import (
     RET_DATABASE,
     RET_ERROR,
@@ -48,8 +49,19 @@ def main() -> None:
 
 
 @main.command()
-@opt("--replay", metavar="PATH", help="Replay a Jetstream JSON-lines file (.jsonl, .jsonl.gz, - for stdin).")
+@opt("--replay", metavar="PATH",
+     help="Replay a recording to its end: Jetstream JSON lines (.jsonl, .jsonl.gz, .jsonl.zst, - for "
+          "stdin) or firehose frames (plain, gzip or zstd), see --format.")
+@opt("--format", "replay_format", type=click.Choice(["auto", "jetstream", "firehose"]),
+     default="auto", show_default=True,
+     help="What --replay holds; auto tells firehose frames from JSON lines by the first bytes.")
 @opt("--jetstream", metavar="URL", help="Follow a live Jetstream endpoint, resuming from the saved cursor.")
+@opt("--firehose", metavar="URL",
+     help="Follow a relay or PDS firehose (com.atproto.sync.subscribeRepos; the path is added when "
+          "the URL has none), resuming from the saved seq.")
+@opt("--no-verify", is_flag=True, default=False,
+     help="Firehose: trust the relay; write commits without checking their signature, hashes "
+          "and tree proofs.")
 @opt("--collections", multiple=True, metavar="NSID",
      help="With --jetstream: only these collections (Jetstream's wantedCollections); repeatable.")
 @opt("--shards", type=click.IntRange(min=1, max=1024), default=4, show_default=True,
@@ -81,19 +93,22 @@ def main() -> None:
 @identity_options
 @database_options
 @common_options
-def run(replay: str | None, jetstream: str | None, collections: tuple[str, ...], shards: int,
+def run(replay: str | None, replay_format: str, jetstream: str | None, firehose: str | None,
+        no_verify: bool, collections: tuple[str, ...], shards: int,
         pool_budget: int, batch_size: int, from_start: bool, end_wait: float, metrics_port: int,
         metrics_addr: str, summary_json: str | None, transport: str, stream_limit: int,
         backfill_new_users: bool, backfill_concurrency: int, max_repo_bytes: int,
         resolve_timeout: float, max_user_creations: int,
         plc_url: str, dns_server: str | None, allow_private_addresses: bool, dsn: str | None,
         data_dir: str, log_level: str) -> None:
-    """Run the pipeline over a replay file or a live Jetstream until the end or a signal.
+    """Run the pipeline over a recording, a live Jetstream or a firehose until the end or a signal.
 
     \b
     Examples:
       pipeline run --replay events.jsonl.gz --shards 8 --dsn postgresql://localhost/bsky
       pipeline run --jetstream wss://jetstream1.us-east.bsky.network/subscribe
+      pipeline run --firehose wss://bsky.network
+      pipeline run --replay frames.bin.zst   (a firehose recording, from `pipeline record`)
       * * * * * pipeline run --replay /data/today.jsonl.gz   (crontab: one run at a time)
       pipeline run --replay events.jsonl --transport redis://queue:6379/0   (workers elsewhere)
     """
@@ -107,36 +122,30 @@ def run(replay: str | None, jetstream: str | None, collections: tuple[str, ...],
     from shards.store.pool import Budget, BudgetError
 
     setup_logging(log_level)
-    if bool(replay) == bool(jetstream):
-        fail("give exactly one of --replay PATH or --jetstream URL", RET_USAGE)
+    if sum(map(bool, (replay, jetstream, firehose))) != 1:
+        fail("give exactly one of --replay PATH, --jetstream URL or --firehose URL", RET_USAGE)
     redis_url = redis_transport(transport)
     try:
         Budget(pool_budget, shards).per_shard()
     except BudgetError as exc:
         fail(str(exc), RET_USAGE)
     try:
-        if replay:
-            from pipeline.sources.file import FileSource
-
-            source: Any = FileSource(replay)
-        else:
-            from pipeline.sources.jetstream import JetstreamSource
-
-            source = JetstreamSource(jetstream, collections=collections)
+        source = open_source(replay, replay_format, jetstream, firehose, collections)
     except SourceError as exc:
         fail(str(exc), RET_SOURCE)
     dsn = resolve_dsn(dsn, data_dir)
     open_database(dsn).close()
+    identity = identity_config(plc_url, dns_server, allow_private_addresses, resolve_timeout)
+    log.info(start_line(identity, dsn, jetstream=jetstream, redis=redis_url))
     options = RunOptions(
         dsn=dsn, shards=shards, pool_budget=pool_budget, max_user_creations=max_user_creations,
-        resolve_timeout=resolve_timeout,
-        identity=identity_config(plc_url, dns_server, allow_private_addresses, resolve_timeout),
-        pds=pds_config(), backfill_new_users=backfill_new_users,
-        backfill_concurrency=backfill_concurrency, max_repo_bytes=max_repo_bytes,
+        resolve_timeout=resolve_timeout, identity=identity, pds=pds_config(),
+        backfill_new_users=backfill_new_users, backfill_concurrency=backfill_concurrency,
+        max_repo_bytes=max_repo_bytes,
         batch_size=batch_size, from_start=from_start, end_wait=end_wait,
         log_level=log_level.upper(),
         log_format=log_format(),
-        transport=redis_url or "local", stream_limit=stream_limit,
+        transport=redis_url or "local", stream_limit=stream_limit, verify=not no_verify,
     )
     from pipeline.progress import Progress
 
@@ -165,11 +174,89 @@ def run(replay: str | None, jetstream: str | None, collections: tuple[str, ...],
         fail(f"database error: {_short(exc)}", RET_DATABASE)
     progress.close()
     click.echo(summary.render())
+    warning = summary.refusal_warning()
+    if warning:
+        log.warning(warning)
     if summary_json:
         import orjson
 
         with open(summary_json, "wb") as f:
             f.write(orjson.dumps(summary.as_dict(), option=orjson.OPT_INDENT_2))
+
+
+def open_source(replay: str | None, replay_format: str, jetstream: str | None,
+                firehose: str | None, collections: tuple[str, ...]) -> Any:
+    """The source `run` reads; raises SourceError for a user's mistake."""
+    from pipeline.sources.base import SourceError
+
+    if replay:
+        if replay_format == "auto" and replay != "-":
+            from pipeline.sources.streams import sniff
+
+            try:
+                replay_format = sniff(replay)[1]
+            except OSError:
+                replay_format = "jetstream"  # FileSource says what is wrong with the path
+        if replay_format == "firehose":
+            if replay == "-":
+                raise SourceError("a firehose recording cannot be read from stdin; give its path")
+            from pipeline.sources.recording import RecordingSource
+
+            return RecordingSource(replay)
+        from pipeline.sources.file import FileSource
+
+        return FileSource(replay)
+    if firehose:
+        from pipeline.sources.firehose import FirehoseSource
+
+        return FirehoseSource(firehose)
+    from pipeline.sources.jetstream import JetstreamSource
+
+    return JetstreamSource(jetstream or "", collections=collections)
+
+
+@main.command("record")
+@opt("--firehose", metavar="URL", help="Record a relay or PDS firehose (subscribeRepos frames).")
+@opt("--jetstream", metavar="URL", help="Record a Jetstream endpoint (JSON lines).")
+@opt("--out", required=True, type=click.Path(dir_okay=False, writable=True), metavar="FILE",
+     help="The recording to write (zstd; e.g. frames.bin.zst or events.jsonl.zst); replaced if "
+          "it exists.")
+@opt("--seconds", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
+     help="Stop after this long. Default: on --events, or SIGINT/SIGTERM.")
+@opt("--events", type=click.IntRange(min=1), default=None, metavar="N",
+     help="Stop after this many frames (firehose) or events (Jetstream).")
+@opt("--cursor", type=click.IntRange(min=1), default=None, metavar="CURSOR",
+     help="Start here: a seq for the firehose (the frames after it), a time in unix "
+          "microseconds for Jetstream. Default: the live stream.")
+@common_options
+def record_command(firehose: str | None, jetstream: str | None, out: str, seconds: float | None,
+                   events: int | None, cursor: int | None, log_level: str) -> None:
+    """Capture a live firehose or Jetstream to a file, to replay later with `run --replay`.
+
+    \b
+    Examples:
+      pipeline record --firehose wss://bsky.network --out frames.bin.zst --seconds 60
+      pipeline record --jetstream wss://jetstream1.us-east.bsky.network/subscribe \\
+          --out events.jsonl.zst --events 100000
+    """
+    from pipeline.record import record
+    from pipeline.sources.base import SourceError
+
+    setup_logging(log_level, "record")
+    if bool(firehose) == bool(jetstream):
+        fail("give exactly one of --firehose URL or --jetstream URL", RET_USAGE)
+    try:
+        source = open_source(None, "auto", jetstream, firehose, ())
+        with open(out, "wb") as f:
+            done = record(source, f, seconds=seconds, events=events,
+                          cursor=cursor + 1 if firehose and cursor else cursor)
+    except SourceError as exc:
+        fail(str(exc), RET_SOURCE)
+    except OSError as exc:
+        fail(f"cannot write {out}: {exc.strerror or exc}", RET_USAGE)
+    unit = "frames" if firehose else "events"
+    click.echo(f"recorded {done.events} {unit} ({done.bytes_in:,} bytes, {done.bytes_out:,} "
+               f"compressed) in {done.seconds:.1f} s to {out}")
 
 
 @main.command("refresh-users")
@@ -196,6 +283,7 @@ def refresh_users(due_only: bool, resolve_timeout: float, max_user_creations: in
     dsn = resolve_dsn(dsn, data_dir)
     open_database(dsn).close()
     identity = identity_config(plc_url, dns_server, allow_private_addresses, resolve_timeout)
+    log.info(start_line(identity, dsn))
     pds = pds_config()
     counters = Counters()
     directory = build_directory(identity, counters=counters)
@@ -238,23 +326,28 @@ def refresh_users(due_only: bool, resolve_timeout: float, max_user_creations: in
 @opt("--lock-ttl", type=click.FloatRange(min=1), default=15.0, show_default=True,
      metavar="SECONDS",
      help="Lifetime of the shard's lock, renewed every third of it: how long a killed worker's "
-          "shard stays locked before a new worker can take over its pending entries.")
+          "shard stays locked before a new worker can take over its pending entries. A "
+          "transaction of this worker left idle that long is ended by the database.")
 @opt("--refresh-interval", type=click.FloatRange(min=1), default=30.0, show_default=True,
      metavar="SECONDS", help="Pause between passes of this worker's refresher of incomplete users.")
+@opt("--no-verify", is_flag=True, default=False,
+     help="Firehose frames: trust the relay; write commits without checking their signature, "
+          "hashes and tree proofs.")
 @backfill_new_users_options
 @pds_options
 @identity_options
 @database_options
 @common_options
 def worker(shard: int, shards: int, transport: str, pool_size: int | None, pool_budget: int,
-           lock_ttl: float, refresh_interval: float, backfill_new_users: bool,
+           lock_ttl: float, refresh_interval: float, no_verify: bool, backfill_new_users: bool,
            backfill_concurrency: int, max_repo_bytes: int, resolve_timeout: float,
            max_user_creations: int, plc_url: str, dns_server: str | None,
            allow_private_addresses: bool, dsn: str | None, data_dir: str, log_level: str) -> None:
     """One shard worker fed over Redis Streams, until SIGTERM/SIGINT (drains, then exits 0).
 
     Exits 0 at once when shard K already has a live worker, so cron can start it every minute.
-    On start it takes over the entries a dead worker of the shard left pending.
+    On start it raises the shard's epoch in PostgreSQL, so that a worker it replaces can no
+    longer commit (that one exits 1), then takes over the entries it left pending.
 
     \b
     Example (crontab on a worker machine, one line per shard):
@@ -297,6 +390,7 @@ def worker(shard: int, shards: int, transport: str, pool_size: int | None, pool_
     import redis
 
     from pipeline.transport.redis import RedisWorkerLink, ShardLock, connect, describe
+    from shards.store.fence import StaleEpoch, take_over
 
     client = connect(url)
     lock = ShardLock(client, shard, ttl=lock_ttl,
@@ -310,27 +404,32 @@ def worker(shard: int, shards: int, transport: str, pool_size: int | None, pool_
         sys.exit(RET_OK)
     code = RET_OK
     try:
-        dsn = resolve_dsn(dsn, data_dir)
-        open_database(dsn, f"pipeline-shard-{shard}").close()
         from shards.worker import ShardWorker, WorkerConfig
 
+        dsn = resolve_dsn(dsn, data_dir)
+        # The epoch is raised before anything pending is claimed: from here on, nothing the
+        # previous worker still had in hand can commit.
+        with open_database(dsn, f"pipeline-shard-{shard}") as conn:
+            fence = take_over(conn, shard, lock.token.decode())
+        log.info("shard %d: took the shard over at epoch %d", shard, fence.epoch)
+        identity = identity_config(plc_url, dns_server, allow_private_addresses, resolve_timeout)
+        log.info("shard %d: %s", shard, start_line(identity, dsn, redis=url))
         config = WorkerConfig(
             shard=shard, shards=shards, dsn=dsn, pool_size=pool_size,
             slots=max(1, max_user_creations // shards), resolve_timeout=resolve_timeout,
-            identity=identity_config(plc_url, dns_server, allow_private_addresses,
-                                     resolve_timeout),
-            source="redis", pds=pds_config().share(shards), backfill_new_users=backfill_new_users,
+            identity=identity, source="redis", pds=pds_config().share(shards),
+            backfill_new_users=backfill_new_users,
             backfill_concurrency=max(1, backfill_concurrency // shards),
-            max_repo_bytes=max_repo_bytes, refresh_interval=refresh_interval,
-            log_level=log_level.upper(),
-            log_format=log_format(),
+            max_repo_bytes=max_repo_bytes, refresh_interval=refresh_interval, epoch=fence.epoch,
+            lease=lock_ttl, log_level=log_level.upper(), log_format=log_format(),
+            verify=not no_verify,
         )
         holder: dict[str, Any] = {}
 
         def on_source(name: str) -> None:  # dead letters name the source of their batch
             holder["w"].config = dataclasses.replace(holder["w"].config, source=name)
 
-        link = RedisWorkerLink(client, shard, shards, on_source=on_source)
+        link = RedisWorkerLink(client, shard, shards, lock, on_source=on_source)
         try:
             holder["w"] = ShardWorker(config, link)  # type: ignore[arg-type]
             state["link"] = link
@@ -346,6 +445,10 @@ def worker(shard: int, shards: int, transport: str, pool_size: int | None, pool_
                    f" ({link.reclaimed} taken over from a previous worker)")
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else RET_ERROR
+    except StaleEpoch as exc:
+        click.echo(f"pipeline: {exc}: this worker stops; its last transaction rolled back and "
+                   f"is left to the new worker", err=True)
+        code = RET_ERROR
     except Exception:
         log.exception("shard %d: worker failed", shard)
         code = RET_ERROR

@@ -76,14 +76,27 @@ class PipelineCollector:
         position = GaugeMetricFamily("pipeline_cursor", "Saved low-watermark cursor.",
                                      labels=["source"])
         lag = GaugeMetricFamily("pipeline_cursor_lag_seconds",
-                                "Now minus the saved cursor (live sources, time_us cursors).",
+                                "Now minus the saved cursor's time (Jetstream), or minus the"
+                                " newest committed frame's time (firehose).",
                                 labels=["source"])
         if cursor is not None:
             position.add_metric([name], cursor)
-            if name.startswith("jetstream:"):
-                lag.add_metric([name], max(0.0, time.time() - cursor / 1e6))
+        if cursor is not None and name.startswith("jetstream:"):
+            lag.add_metric([name], max(0.0, time.time() - cursor / 1e6))
+        elif s.frame_time is not None:
+            lag.add_metric([name], max(0.0, time.time() - s.frame_time))
         yield position
         yield lag
+        for name, doc, label, values in (
+                ("pipeline_frames_skipped",
+                 "Firehose frames acknowledged without writing, by reason.", "reason", s.skipped),
+                ("pipeline_verification_failures",
+                 "Firehose commits refused, by the check that failed.", "check",
+                 s.verify_failures)):
+            family = CounterMetricFamily(name, doc, labels=[label])
+            for key, n in sorted(values.items()):
+                family.add_metric([key], n)
+            yield family
 
     def _per_shard(self, s: Summary) -> Iterator[Metric]:
         specs: list[tuple[str, str, Callable[[Any], float]]] = [
@@ -115,6 +128,10 @@ class PipelineCollector:
                                           labels=["method", "result"])
         cache = CounterMetricFamily("pipeline_identity_cache", "Identity cache lookups.",
                                     labels=["result"])
+        refused = CounterMetricFamily(
+            "pipeline_refused_addresses",
+            "Lookups refused: a host from the network's data resolved to a non-public address.",
+            labels=["kind"])
         breaker = GaugeMetricFamily("pipeline_breaker_open", "Upstream circuits open now.")
         trips = CounterMetricFamily("pipeline_breaker_trips", "Times a circuit opened.")
         fetches = CounterMetricFamily("pipeline_pds_fetches", "PDS requests by kind and result.",
@@ -136,13 +153,15 @@ class PipelineCollector:
                     fetches.add_metric(parts[1:], value)
             elif parts[0] == "resolution" and len(parts) == 3:
                 resolutions.add_metric(parts[1:], value)
+            elif parts[0] == "refused" and len(parts) == 2:
+                refused.add_metric([parts[1]], value)
             elif parts[0] == "cache" and parts[1] in ("hit", "miss", "coalesced"):
                 cache.add_metric([parts[1]], value)
             elif key == "breaker.open":
                 breaker.add_metric([], value)
             elif key == "breaker.trips":
                 trips.add_metric([], value)
-        yield from (resolutions, cache, breaker, trips, fetches, limited, backfills)
+        yield from (resolutions, refused, cache, breaker, trips, fetches, limited, backfills)
 
 
 def serve(port: int, addr: str, summary: Callable[[], Summary],

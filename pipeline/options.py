@@ -48,7 +48,7 @@ def _short(exc: BaseException) -> str:
 def database_options(f: Callable[..., Any]) -> Callable[..., Any]:
     f = opt("--data-dir", default=embedded.DEFAULT_DATA_DIR, show_default=True,
             type=click.Path(file_okay=False),
-            help="Where the embedded PostgreSQL keeps its files (used when no --dsn).")(f)
+            help="Where the embedded PostgreSQL keeps its files, in DIR/pg (used when no --dsn).")(f)
     f = opt("--dsn", default=None, metavar="DSN",
             help="PostgreSQL connection string. Absent: an embedded server in --data-dir.")(f)
     return f
@@ -56,13 +56,15 @@ def database_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def identity_options(f: Callable[..., Any]) -> Callable[..., Any]:
     f = opt("--allow-private-addresses", is_flag=True, default=False,
-            help="Let identity lookups and PDS requests reach private, loopback and link-local "
-                 "addresses, and PDS endpoints be plain http (tests and private networks "
-                 "only).")(f)
+            help="Let hosts named by the network's data (handles, did:web hosts, PDS endpoints, "
+                 "redirects) resolve to private, loopback and link-local addresses, and PDS "
+                 "endpoints be plain http; off, they are refused. The endpoints you name here "
+                 "are used as given either way.")(f)
     f = opt("--dns-server", default=None, metavar="HOST[:PORT]",
-            help="DNS server for handle verification. Default: the system's resolvers.")(f)
+            help="DNS server for handle verification, used as given (a local resolver is fine). "
+                 "Default: the system's resolvers.")(f)
     f = opt("--plc-url", default="https://plc.directory", show_default=True,
-            help="PLC directory that resolves did:plc.")(f)
+            help="PLC directory that resolves did:plc, used as given (a local mirror is fine).")(f)
     f = opt("--resolve-timeout", type=click.FloatRange(min=0.01), default=5.0, show_default=True,
             metavar="SECONDS",
             help="Longest an event waits for its new author's resolution before the user is "
@@ -197,21 +199,32 @@ def resolve_dsn(dsn: str | None, data_dir: str) -> str:
     if dsn:
         return dsn
     try:
-        uri = embedded.start(data_dir)
+        return embedded.start(data_dir)
     except embedded.EmbeddedError as exc:
         fail(str(exc), RET_DATABASE)
-    click.echo(f"pipeline: using the embedded PostgreSQL in {os.path.abspath(data_dir)}", err=True)
-    return uri
+
+
+def server_label(conn: psycopg.Connection, dsn: str) -> str:
+    """Which server a command works on: "PostgreSQL 18.6 (embedded, DIR)" or its address."""
+    number = conn.info.server_version
+    version = f"PostgreSQL {number // 10000}.{number % 10000}"
+    data_dir = embedded.data_dir_of(dsn)
+    if data_dir is not None:
+        return f"{version} (embedded, {data_dir})"
+    info = conn.info
+    return f"{version} ({info.user}@{info.host}:{info.port}/{info.dbname})"
 
 
 def connect_database(dsn: str, application_name: str = "pipeline") -> psycopg.Connection:
-    """Connects; an unreachable server is one line and exit 3."""
+    """Connects and names the server on stderr; an unreachable one is one line and exit 3."""
     from shards.store.pool import connect
 
     try:
-        return connect(dsn, application_name, connect_timeout=10)
+        conn = connect(dsn, application_name, connect_timeout=10)
     except psycopg.Error as exc:
         fail(f"cannot connect to the database: {_short(exc)}", RET_DATABASE)
+    click.echo(f"pipeline: {server_label(conn, dsn)}", err=True)
+    return conn
 
 
 def open_database(dsn: str, application_name: str = "pipeline") -> psycopg.Connection:

@@ -28,10 +28,13 @@ from pipeline.options import (
     open_database,
     opt,
     resolve_dsn,
+    server_label,
     setup_logging,
 )
+from pipeline.sources.streams import compression
 
 RECORD_TABLES = ("posts", "likes", "reposts", "follows", "blocks", "records")
+NO_REASON = "no reason recorded"  # users written before the reasons were
 RAW_PREVIEW_CHARS = 80
 NOT_LINES = ("pds:", "backfill:")  # dead letters of these sources are not stream lines
 _FINGERPRINT_BYTES = 64 * 1024  # what FileSource hashes into a replay cursor's name
@@ -46,8 +49,8 @@ class CursorInfo:
     name: str
     cursor: int
     updated_at: str
-    kind: str  # "jetstream", "replay" or "other"
-    lag_seconds: float | None = None  # jetstream: now - cursor time
+    kind: str  # "jetstream", "firehose", "replay" or "other"
+    lag_seconds: float | None = None  # jetstream: now - cursor time; firehose: now - frame time
     file_size: int | None = None  # replay: size of the file that is still at the path
     percent: float | None = None  # replay: cursor / file_size
     note: str | None = None  # why a replay cursor has no percentage
@@ -60,6 +63,7 @@ class ShardInfo:
     shard: int
     users: int = 0
     tables: dict[str, int] = field(default_factory=lambda: {t: 0 for t in RECORD_TABLES})
+    epoch: int | None = None  # raised by each Redis worker that took the shard over
 
     @property
     def total(self) -> int:
@@ -81,9 +85,11 @@ class Profiles:
 
 @dataclass
 class Status:
+    server: str  # e.g. "PostgreSQL 18.6 (embedded, /srv/pipeline/.pipeline-data)"
     cursors: list[CursorInfo]
     incomplete_users: int
     incomplete_due: int
+    incomplete_reasons: dict[str, int]  # by the reason of each one's last failed resolution
     dead_letters: dict[str, int]
     dead_letters_total: int
     shards: list[ShardInfo]
@@ -92,13 +98,15 @@ class Status:
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "server": self.server,
             "cursors": [asdict(c) for c in self.cursors],
-            "incomplete_users": {"total": self.incomplete_users, "due": self.incomplete_due},
+            "incomplete_users": {"total": self.incomplete_users, "due": self.incomplete_due,
+                                 "by_reason": self.incomplete_reasons},
             "profiles": asdict(self.profiles),
             "complete_users": self.complete_users,
             "dead_letters": {"total": self.dead_letters_total, "by_reason": self.dead_letters},
-            "shards": [{"shard": s.shard, "users": s.users, **s.tables, "total": s.total}
-                       for s in self.shards],
+            "shards": [{"shard": s.shard, "users": s.users, **s.tables, "total": s.total,
+                        "epoch": s.epoch} for s in self.shards],
         }
 
 
@@ -110,8 +118,8 @@ def reason_of(error: str) -> str:
 def replay_progress(name: str, offset: int) -> tuple[int | None, float | None, str | None]:
     """Size and percentage for a `replay:/abs/path#fingerprint` cursor, if the file is still there.
 
-    Offsets count uncompressed bytes, so a gzip file has no honest percentage; a file whose head
-    no longer matches the fingerprint is a different file and gets none either."""
+    Offsets count uncompressed bytes, so a gzip or zstd file has no honest percentage; a file
+    whose head no longer matches the fingerprint is a different file and gets none either."""
     rest = name[len("replay:"):]
     path, _, fingerprint = rest.rpartition("#")
     if not path or not os.path.isabs(path):
@@ -124,16 +132,23 @@ def replay_progress(name: str, offset: int) -> tuple[int | None, float | None, s
         return None, None, "file gone"
     if fingerprint and hashlib.sha256(head).hexdigest()[:len(fingerprint)] != fingerprint:
         return size, None, "file changed"
-    if head[:2] == b"\x1f\x8b":
-        return size, None, "gzip: offset is uncompressed"
+    kind = compression(head)
+    if kind != "plain":
+        return size, None, f"{kind}: offset is uncompressed"
     return size, (100.0 * offset / size if size else 100.0), None
 
 
-def cursor_info(name: str, cursor: int, updated_at: datetime, now: float) -> CursorInfo:
+def cursor_info(name: str, cursor: int, updated_at: datetime, now: float,
+                event_time: datetime | None = None) -> CursorInfo:
+    """`event_time`: when the newest committed event happened (firehose frames carry it)."""
     info = CursorInfo(name, cursor, updated_at.isoformat(), "other")
     if name.startswith("jetstream:"):
         info.kind = "jetstream"
         info.lag_seconds = round(now - cursor / 1e6, 3)
+    elif name.startswith("firehose:"):
+        info.kind = "firehose"
+        if event_time is not None:
+            info.lag_seconds = round(now - event_time.timestamp(), 3)
     elif name.startswith("replay:"):
         info.kind = "replay"
         info.file_size, info.percent, info.note = replay_progress(name, cursor)
@@ -142,16 +157,21 @@ def cursor_info(name: str, cursor: int, updated_at: datetime, now: float) -> Cur
     return info
 
 
-def collect(conn: psycopg.Connection, shards: int) -> Status:
+def collect(conn: psycopg.Connection, shards: int, server: str) -> Status:
     """Every figure in a handful of aggregate queries, one read-only snapshot."""
     now = time.time()
     with conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        cursors = [cursor_info(n, c, u, now) for n, c, u in conn.execute(
-            "SELECT name, cursor, updated_at FROM cursors ORDER BY name")]
+        cursors = [cursor_info(n, c, u, now, t) for n, c, u, t in conn.execute(
+            "SELECT name, cursor, updated_at, event_time FROM cursors ORDER BY name")]
         incomplete, due = conn.execute(
             "SELECT count(*), count(*) FILTER (WHERE refresh_after <= now())"
             " FROM users WHERE incomplete").fetchone()
+        why: dict[str, int] = {}
+        for reason, n in conn.execute(
+                "SELECT split_part(resolve_error, ':', 1) AS reason, count(*) FROM users"
+                " WHERE incomplete GROUP BY reason ORDER BY count(*) DESC, reason"):
+            why[reason or NO_REASON] = n
         *counts, complete = conn.execute(
             "SELECT count(*) FILTER (WHERE profile_source = 'stream'),"
             " count(*) FILTER (WHERE profile_source = 'pds'),"
@@ -178,7 +198,10 @@ def collect(conn: psycopg.Connection, shards: int) -> Status:
                    f" GROUP BY s")
             for k, n in conn.execute(sql):
                 by_shard[k].tables[table] = n
-    return Status(cursors, incomplete, due, reasons, sum(reasons.values()),
+        for k, epoch in conn.execute("SELECT shard, epoch FROM shard_epochs"):
+            if k in by_shard:
+                by_shard[k].epoch = epoch
+    return Status(server, cursors, incomplete, due, why, reasons, sum(reasons.values()),
                   [by_shard[k] for k in range(shards)], Profiles(*counts), complete)
 
 
@@ -207,12 +230,14 @@ def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[st
 
 
 def render(status: Status) -> str:
-    out: list[str] = ["cursors"]
+    out: list[str] = [f"server  {status.server}", "", "cursors"]
     if status.cursors:
         rows = []
         for c in status.cursors:
-            if c.kind == "jetstream":
+            if c.kind == "jetstream" or c.kind == "firehose" and c.lag_seconds is not None:
                 progress = f"lag {_duration(c.lag_seconds or 0.0)}"
+            elif c.kind == "firehose":
+                progress = f"seq {c.cursor}"
             elif c.kind == "replay":
                 progress = f"byte {c.cursor}"
                 if c.percent is not None:
@@ -226,8 +251,10 @@ def render(status: Status) -> str:
     else:
         out.append("  (none)")
     p = status.profiles
-    out += ["", f"incomplete users  {status.incomplete_users} ({status.incomplete_due} due for refresh)",
-            f"profiles          {p.stream} from the stream, {p.fetched} fetched, {p.absent} known"
+    out += ["", f"incomplete users  {status.incomplete_users}"
+                f" ({status.incomplete_due} due for refresh)"]
+    out += [f"  {n:>8}  {reason}" for reason, n in status.incomplete_reasons.items()]
+    out += [f"profiles          {p.stream} from the stream, {p.fetched} fetched, {p.absent} known"
             f" absent; {p.missing} missing ({p.missing_due} due now, {p.missing_without_pds}"
             " without a PDS)",
             f"complete users    {status.complete_users} (handle verified or invalid, profile known)",
@@ -240,6 +267,11 @@ def render(status: Status) -> str:
     rows.append(["all", str(sum(s.users for s in status.shards)),
                  *(str(sum(s.tables[t] for s in status.shards)) for t in RECORD_TABLES),
                  str(sum(s.total for s in status.shards))])
+    if any(s.epoch is not None for s in status.shards):  # shards served by Redis workers
+        header.append("epoch")
+        for row, s in zip(rows, status.shards):
+            row.append("-" if s.epoch is None else str(s.epoch))
+        rows[-1].append("")
     out += ["", f"per shard (of {len(status.shards)}, by DID)"]
     out += ["  " + s for s in _table(header, rows, set(range(1, len(header))))]
     return "\n".join(out)
@@ -252,12 +284,13 @@ def render(status: Status) -> str:
 @database_options
 @common_options
 def status(shards: int, as_json: bool, dsn: str | None, data_dir: str, log_level: str) -> None:
-    """Cursors and lag, incomplete users, profiles, dead letters by reason, rows per shard."""
+    """Cursors and lag, incomplete users and dead letters by reason, profiles, rows per shard
+    (and the epoch of each shard a Redis worker took over)."""
     setup_logging(log_level)
     dsn = resolve_dsn(dsn, data_dir)
     conn = open_database(dsn)
     try:
-        figures = collect(conn, shards)
+        figures = collect(conn, shards, server_label(conn, dsn))
     except psycopg.Error as exc:
         fail(f"database error: {_short(exc)}", RET_DATABASE)
     finally:
@@ -350,20 +383,29 @@ def resolve_users(directory: Any, dids: list[str], slots: int,
 
 def retry_letters(dsn: str, letters: list[DeadLetter], directory_factory: Callable[[], Any],
                   slots: int, timeout: float) -> RetryResult:
-    """Feeds dead letters through decode and write again; whatever still fails stays put."""
+    """Feeds dead letters through decode and write again; whatever still fails stays put.
+
+    Firehose frames are verified again with their author's key, fetched afresh (before any
+    database connection is opened); frames and Jetstream commits keep to their repository's rev
+    as in a run."""
     from shards.events import BadEvent, decode
-    from shards.store.writes import Changes, Writer, prepare_connection
+    from shards.frames import KEY_UNAVAILABLE, FrameEvent, Frames
+    from shards.frames import decode as decode_frame
+    from shards.identity import IdentityError
+    from shards.store.writes import Changes, Writer, prepare_connection, repo_states
 
     result = RetryResult(retried=len(letters))
     good: list[tuple[DeadLetter, Any]] = []
     reasons: list[tuple[str, int]] = []
     for letter in letters:
         try:
-            good.append((letter, decode(letter.raw, 0, 0, letter.position)))
+            read = decode_frame if letter.raw[:1] >= b"\x80" else decode
+            good.append((letter, read(letter.raw, 0, 0, letter.position)))
         except BadEvent as exc:
             result.still_bad += 1
             if str(exc) != letter.error:
                 reasons.append((str(exc), letter.id))
+    good = [(letter, ev) for letter, ev in good if ev.did]
     authors = sorted({ev.did for _, ev in good})
     with psycopg.connect(dsn, application_name="pipeline") as conn:
         if reasons:
@@ -371,15 +413,43 @@ def retry_letters(dsn: str, letters: list[DeadLetter], directory_factory: Callab
         known = {r[0] for r in conn.execute(
             "SELECT did FROM users WHERE did = ANY(%s)", (authors,))} if authors else set()
     missing = [d for d in authors if d not in known]
-    new_users = resolve_users(directory_factory(), missing, slots, timeout) if missing else {}
+    directory = directory_factory()
+    new_users = resolve_users(directory, missing, slots, timeout) if missing else {}
+    frames = Frames(verify=True)
+    keyed = sorted({ev.did for _, ev in good if isinstance(ev, FrameEvent) and ev.needs_key})
+    keys = {}
+    for did in keyed:
+        try:
+            keys[did] = frames.key(directory.resolve_did(did))
+        except IdentityError:
+            keys[did] = None
+    revised = sorted({*keyed, *(ev.did for _, ev in good if ev.rev is not None)})
     with psycopg.connect(dsn, application_name="pipeline") as conn:
         prepare_connection(conn)
+        if revised:
+            frames.load(repo_states(conn, revised))
+            conn.commit()
         for letter, ev in good:
             changes = Changes()
             user = new_users.get(ev.did)
             if user is not None:
                 changes.users.append(user)
-            changes.add(ev)
+            if isinstance(ev, FrameEvent):
+                failed = (KEY_UNAVAILABLE if ev.needs_key and keys.get(ev.did) is None
+                          else frames.check(ev, keys.get(ev.did)))
+                if failed is not None:
+                    result.still_bad += 1
+                    conn.execute("UPDATE dead_letters SET error = %s WHERE id = %s",
+                                 (failed, letter.id))
+                    conn.commit()
+                    continue
+                if frames.admit(ev) is None:  # else its rev is applied already: nothing to write
+                    for op in ev.events:
+                        changes.add(op)
+                    if ev.rev is not None:
+                        changes.revs[ev.did] = ev.rev
+            elif ev.rev is None or frames.admit_event(ev) is None:
+                changes.add(ev)
             try:
                 with conn.transaction():
                     # Claim the row first: a concurrent retry that got here earlier wins.

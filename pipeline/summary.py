@@ -7,6 +7,13 @@ from typing import Any
 
 from shards.stats import Histogram, ShardStats
 
+_REFUSED = "refused."  # identity counters of refused addresses, by kind
+
+
+def _kinds(counts: dict[str, int]) -> str:
+    """"loopback 3, private 1": most first."""
+    return ", ".join(f"{kind} {n}" for kind, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
 
 @dataclass
 class ShardFigures:
@@ -33,6 +40,7 @@ class Summary:
     users_created: int
     users_fallback: int
     users_unverified: int
+    users_refused: int
     elapsed: float
     events_per_second: float
     latency_p50_ms: float | None
@@ -45,7 +53,11 @@ class Summary:
     progress: tuple[int, int | None]
     dead_reasons: dict[str, int] = field(default_factory=dict)
     events_by_kind: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+    verify_failures: dict[str, int] = field(default_factory=dict)
+    frame_time: float | None = None
     identity: dict[str, int] = field(default_factory=dict)
+    refusals: dict[str, int] = field(default_factory=dict)  # by kind of address refused
     shards: list[ShardFigures] = field(default_factory=list)
     latency: Histogram = field(default_factory=Histogram)
 
@@ -53,9 +65,12 @@ class Summary:
     def collect(cls, *, source: str, events_read: int, committed: int, dead_letters: int,
                 elapsed: float, start_cursor: int | None, cursor: int | None, restarts: int,
                 shard_stats: list[ShardStats], current: dict[int, ShardStats | None],
-                progress: tuple[int, int | None]) -> Summary:
+                progress: tuple[int, int | None], source_skipped: int = 0) -> Summary:
         latency = Histogram()
         reasons: Counter[str] = Counter()
+        skipped: Counter[str] = Counter({"seq not above the previous": source_skipped})
+        failures: Counter[str] = Counter()
+        frame_time: float | None = None
         identity: Counter[str] = Counter()
         kinds: Counter[str] = Counter()
         figures = {k: ShardFigures(k) for k in current}
@@ -64,6 +79,10 @@ class Summary:
             reasons.update(s.dead_reasons)
             kinds.update(s.events_by_kind)
             identity.update(s.identity)
+            skipped.update(s.skipped)
+            failures.update(s.verify_failures)
+            if s.frame_time is not None:
+                frame_time = max(frame_time or 0.0, s.frame_time)
             f = figures.setdefault(s.shard, ShardFigures(s.shard))
             f.committed += s.committed
             f.users_created += s.users_created
@@ -86,6 +105,7 @@ class Summary:
             users_created=sum(s.users_created for s in shard_stats),
             users_fallback=sum(s.users_fallback for s in shard_stats),
             users_unverified=sum(s.users_unverified for s in shard_stats),
+            users_refused=sum(s.users_refused for s in shard_stats),
             elapsed=elapsed, events_per_second=(committed + dead_letters) / elapsed if elapsed else 0.0,
             latency_p50_ms=None if p50 is None else p50 * 1000,
             latency_p99_ms=None if p99 is None else p99 * 1000,
@@ -93,7 +113,11 @@ class Summary:
             db_retries=sum(s.db_retries for s in shard_stats),
             transactions=sum(s.transactions for s in shard_stats),
             progress=progress, dead_reasons=dict(reasons), events_by_kind=dict(kinds),
+            skipped={k: v for k, v in skipped.items() if v}, verify_failures=dict(failures),
+            frame_time=frame_time,
             identity=dict(identity), shards=[figures[k] for k in sorted(figures)], latency=latency,
+            refusals={k[len(_REFUSED):]: v for k, v in sorted(identity.items())
+                      if k.startswith(_REFUSED) and v},
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -113,6 +137,11 @@ class Summary:
             f"dead-lettered     {self.dead_letters}"
             + (" (" + ", ".join(f"{k}: {v}" for k, v in sorted(self.dead_reasons.items())) + ")"
                if self.dead_reasons else ""),
+            *(["skipped           " + ", ".join(
+                f"{k}: {v}" for k, v in sorted(self.skipped.items()))] if self.skipped else []),
+            *(["verification      failed " + ", ".join(
+                f"{k}: {v}" for k, v in sorted(self.verify_failures.items()))]
+              if self.verify_failures else []),
             f"users created     {self.users_created} ({self.users_fallback} with the DID as"
             f" fallback handle, {self.users_unverified} with a handle not yet verified)",
             f"elapsed           {self.elapsed:.2f} s, {self.events_per_second:,.0f} events/s",
@@ -128,10 +157,14 @@ class Summary:
                 f" / {f.peak_pending_user_creations})"
             )
         identity = {k: v for k, v in self.identity.items()
-                    if v and not k.startswith(("pds.", "backfill."))}
+                    if v and not k.startswith(("pds.", "backfill.", _REFUSED))}
         if identity:
             lines.append("identity          " + ", ".join(
                 f"{k} {v}" for k, v in sorted(identity.items())))
+        if self.refusals:
+            lines.append(f"refused addresses {sum(self.refusals.values())}"
+                         f" ({_kinds(self.refusals)}): hosts named by the network's data must be"
+                         " public unless --allow-private-addresses")
         profiles = {k[12:]: v for k, v in self.identity.items() if k.startswith("pds.profile.")}
         if any(profiles.values()):
             limited = {k[17:]: v for k, v in self.identity.items()
@@ -145,3 +178,12 @@ class Summary:
             lines.append("repositories      " + ", ".join(
                 f"{k} {v}" for k, v in sorted(backfills.items())) + " (new users backfilled)")
         return "\n".join(lines)
+
+    def refusal_warning(self) -> str | None:
+        """A warning when every new user's lookup was refused: most likely a setting, not data."""
+        if not self.users_created or self.users_refused < self.users_created:
+            return None
+        return (f"every new user's lookup was refused ({self.users_refused} of"
+                f" {self.users_created}): the hosts their DID documents, handles or redirects name"
+                f" resolve to non-public addresses ({_kinds(self.refusals)}); only"
+                " --allow-private-addresses lets the network's data reach such addresses")

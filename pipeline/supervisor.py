@@ -1,7 +1,10 @@
 """The supervisor: reads the source, routes events to shard processes, tracks what is committed.
 
 Stop order: stop reading, send what is buffered, wait until every batch is acknowledged (workers
-finish their pending user creations within the resolve timeout), save the cursor, stop workers."""
+finish their pending user creations within the resolve timeout), save the cursor, stop workers.
+Only the supervisor answers SIGINT and SIGTERM; its workers and their fork server ignore them, so
+a signal to the whole process group stops the run in that same order. While stopping, a worker
+that dies is not restarted: what it had not committed is left to the next run."""
 from __future__ import annotations
 
 import hashlib
@@ -15,20 +18,23 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
+from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import orjson
 import psycopg
 
+from common import stop_signals
 from common.routing import shard_for
 from pipeline.sources.base import Source, SourceError
 from pipeline.summary import Summary
+from shards.firehose.frames import route_key
 from shards.identity import IdentityConfig
 from shards.pds.config import PdsConfig
 from shards.stats import ShardStats
 from shards.store.pool import Budget, connect
-from shards.worker import WorkerConfig
+from shards.worker import WorkerConfig, WorkerExit
 from shards.worker import main as worker_main
 
 log = logging.getLogger("pipeline")
@@ -36,6 +42,10 @@ log = logging.getLogger("pipeline")
 CHUNK_LINES = 1000
 CURSOR_EVERY = 1.0
 READY_TIMEOUT = 60.0
+# multiprocessing's exit code for a worker whose fork server, which reports exit codes, is gone
+FORK_SERVER_GONE = 255
+LEFT_TO_NEXT_RUN = ("its %d events not yet committed are left to the next run, which resumes"
+                    " before them")
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,7 @@ class RunOptions:
     log_format: str = "text"
     transport: str = "local"  # or a redis:// URL: workers are `pipeline worker` processes
     stream_limit: int = 200  # redis: most entries in a shard's stream before the reader waits
+    verify: bool = True  # firehose commits: check hashes, signature and tree before writing
 
 
 @dataclass(eq=False)
@@ -151,6 +162,7 @@ class Supervisor:
                  on_progress: Callable[[Summary], None] | None = None) -> None:
         self.o = options
         self.source = source
+        self.frames = getattr(source, "format", "jetstream") == "firehose"
         self.on_progress = on_progress
         self.per_shard_pool = Budget(options.pool_budget, options.shards).per_shard()
         self.slots = max(1, options.max_user_creations // options.shards)
@@ -228,7 +240,7 @@ class Supervisor:
         for sp in self.shards:
             self._spawn(sp)
         deadline = time.monotonic() + READY_TIMEOUT
-        while not all(sp.ready for sp in self.shards):
+        while not all(sp.ready for sp in self.shards) and not self.stopping.is_set():
             if time.monotonic() > deadline:
                 raise RuntimeError("shard workers did not start in time")
             self._poll(0.2)
@@ -249,13 +261,19 @@ class Supervisor:
             source=self.source.name, pds=self.o.pds.share(self.o.shards),
             backfill_new_users=self.o.backfill_new_users,
             backfill_concurrency=max(1, self.o.backfill_concurrency // self.o.shards),
-            max_repo_bytes=self.o.max_repo_bytes,
-            refresh_interval=self.o.refresh_interval, end_wait=self.o.end_wait, log_level=self.o.log_level, log_format=self.o.log_format,
+            max_repo_bytes=self.o.max_repo_bytes, refresh_interval=self.o.refresh_interval,
+            end_wait=self.o.end_wait, log_level=self.o.log_level, log_format=self.o.log_format,
+            verify=self.o.verify,
         )
         parent, child = self.ctx.Pipe(duplex=True)
         sp.process = self.ctx.Process(target=worker_main, args=(config, child),
                                       name=f"pipeline-shard-{sp.shard}", daemon=False)
-        sp.process.start()
+        # The fork server (started on first use) and every worker it forks are born with SIGINT
+        # and SIGTERM blocked, so a signal to the whole group cannot end them before the worker
+        # ignores both. The resource tracker is started first: its own start unblocks the two.
+        resource_tracker.ensure_running()
+        with stop_signals.blocked():
+            sp.process.start()
         child.close()
         sp.conn, sp.ready, sp.started, sp.restart_at = parent, False, time.monotonic(), None
         sp.inflight, sp.told_end = set(), False
@@ -272,15 +290,27 @@ class Supervisor:
         if sp.stats is not None:
             sp.past.append(sp.stats)
             sp.stats = None
-        if sp.finished:
+        if sp.finished or self.stopping.is_set():
+            sp.restart_at = None  # nobody is restarted while stopping
+            left = self._uncommitted(sp)
+            if code == WorkerExit.STOPPED and not left:
+                log.info("shard %d worker stopped (%s)", sp.shard, describe_exit(code))
+            else:
+                log.warning("shard %d worker exited while stopping (%s) and is not restarted; "
+                            + LEFT_TO_NEXT_RUN, sp.shard, describe_exit(code), left)
             return
         now = time.monotonic()
         sp.quick_deaths = sp.quick_deaths + 1 if now - sp.started < 30 else 0
         delay = 0.0 if sp.quick_deaths == 0 else min(0.5 * 2 ** (sp.quick_deaths - 1), 30.0)
         sp.restart_at = now + delay
         sp.restarts += 1
-        log.warning("shard %d worker exited (code %s); restarting in %.1fs with %d unacknowledged"
-                    " batches", sp.shard, code, delay, len(sp.retained))
+        log.warning("shard %d worker exited (%s); restarting in %.1fs with %d unacknowledged"
+                    " batches", sp.shard, describe_exit(code), delay, len(sp.retained))
+
+    @staticmethod
+    def _uncommitted(sp: ShardProcess) -> int:
+        """Events routed to the shard and not yet committed."""
+        return sum(b.remaining for b in sp.retained.values()) + len(sp.buffer.lines)
 
     # ----- reading and routing ---------------------------------------------------------------
 
@@ -328,9 +358,11 @@ class Supervisor:
 
     def _route(self, chunk: tuple[float, list[int], list[bytes], int]) -> None:
         read_time, positions, lines, next_pos = chunk
-        shards, shard_of = self.shards, self._shard_of
+        shards, shard_of, frames = self.shards, self._shard_of, self.frames
         for pos, raw in zip(positions, lines):
-            if raw.startswith(b'{"did":"'):
+            if frames:  # the frame's repo (or did) as it is sent, b"" when there is none
+                key = route_key(raw)[1]
+            elif raw.startswith(b'{"did":"'):
                 end = raw.find(b'"', 8)
                 key = raw[8:end] if end > 0 and b"\\" not in raw[8:end] else _did_of(raw)
             else:
@@ -443,7 +475,9 @@ class Supervisor:
     # ----- the loop ---------------------------------------------------------------------------
 
     def _pending_work(self) -> bool:
-        return any(sp.buffer.lines or sp.retained for sp in self.shards)
+        """Whether batches remain that a worker of this run can still commit."""
+        return any((sp.buffer.lines or sp.retained)
+                   and (sp.conn is not None or sp.restart_at is not None) for sp in self.shards)
 
     def _loop(self) -> None:
         last_cursor = last_progress = time.monotonic()
@@ -451,8 +485,13 @@ class Supervisor:
             busy = any(sp.buffer.lines for sp in self.shards)
             self._poll(self.o.linger if busy else 0.5)
             for sp in self.shards:
-                if sp.conn is None and sp.restart_at is not None and sp.restart_at <= time.monotonic():
-                    self._spawn(sp)
+                if sp.conn is None and sp.restart_at is not None:
+                    if self.stopping.is_set():
+                        sp.restart_at = None
+                        log.warning("shard %d worker is not restarted while stopping; "
+                                    + LEFT_TO_NEXT_RUN, sp.shard, self._uncommitted(sp))
+                    elif sp.restart_at <= time.monotonic():
+                        self._spawn(sp)
             if not self.stopping.is_set():
                 self._take_chunks()
             self._flush(final=self.reader_done or self.stopping.is_set())
@@ -538,9 +577,11 @@ class Supervisor:
                     self.db = connect(self.o.dsn, "pipeline", autocommit=True)
                     self.db.execute("SELECT pg_advisory_lock(%s)", (_lock_key(self.source.name),))
                 self.db.execute(
-                    "INSERT INTO cursors (name, cursor) VALUES (%s, %s) ON CONFLICT (name)"
-                    " DO UPDATE SET cursor = EXCLUDED.cursor, updated_at = now()",
-                    (self.source.name, mark),
+                    "INSERT INTO cursors (name, cursor, event_time) VALUES (%s, %s,"
+                    " to_timestamp(%s)) ON CONFLICT (name) DO UPDATE SET cursor = EXCLUDED.cursor,"
+                    " event_time = coalesce(EXCLUDED.event_time, cursors.event_time),"
+                    " updated_at = now()",
+                    (self.source.name, mark, self.frame_time()),
                 )
                 self.saved_cursor = mark
                 return
@@ -553,6 +594,12 @@ class Supervisor:
                     return
                 time.sleep(min(0.2 * 2**attempt, 3))
 
+    def frame_time(self) -> float | None:
+        """Unix time of the newest firehose frame committed (None for other sources)."""
+        times = [s.frame_time for sp in self.shards for s in (*sp.past, sp.stats)
+                 if s is not None and s.frame_time is not None]
+        return max(times, default=None)
+
     def summary(self) -> Summary:
         stats = [s for sp in self.shards for s in (*sp.past, sp.stats) if s is not None]
         return Summary.collect(
@@ -561,8 +608,22 @@ class Supervisor:
             start_cursor=self.start_cursor, cursor=self.saved_cursor,
             restarts=sum(sp.restarts for sp in self.shards), shard_stats=stats,
             current={sp.shard: sp.stats for sp in self.shards},
-            progress=self.source.progress,
+            progress=self.source.progress, source_skipped=getattr(self.source, "skipped", 0),
         )
+
+
+def describe_exit(code: int | None) -> str:
+    """A worker's exit code in words, for the log."""
+    if code is None:
+        return "exit code unknown"
+    try:
+        if code < 0:
+            return f"killed by {signal.Signals(-code).name}"
+        if code == FORK_SERVER_GONE:
+            return f"exit code {code}: its fork server is gone"
+        return f"exit code {code}: {WorkerExit(code).name.lower()}"
+    except ValueError:  # a number no name is known for
+        return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
 
 
 def _did_of(raw: bytes) -> bytes:

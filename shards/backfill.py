@@ -20,9 +20,11 @@ from shards.firehose.errors import VerificationError
 from shards.firehose.keys import SigningKey, signing_key
 from shards.firehose.verify import Repo, read_repo
 from shards.identity.directory import (
-    DIDNotFound, Directory, Identity, IdentityError, ResolutionFailed,
+    DIDNotFound, Directory, Identity, IdentityError, ResolutionFailed, failure_reason,
 )
 from shards.pds.client import ABSENT, BAD, FOUND, LATER, EndpointRefused, PdsClient
+from shards.store.fence import Fence
+from shards.store.pool import RETRYABLE
 from shards.store.writes import DEAD_LETTER, Changes, Writer, existing_users
 
 log = logging.getLogger("pipeline.backfill")
@@ -31,7 +33,6 @@ DONE, SKIPPED, REFUSED, FAILED = "done", "skipped", "refused", "failed"
 ATTEMPTS = 4  # requests for one repository (429s and failures), the first included
 DEAD_RAW_BYTES = 64 * 1024  # what a refused repository's dead letter keeps of its CAR
 SOURCE = "backfill"  # dead letters' source: backfill:<did>
-
 
 
 @dataclass(frozen=True)
@@ -48,11 +49,16 @@ class Outcome:
 
 
 class Backfill:
-    """Fetches, verifies and writes repositories; thread-safe (one call per repository)."""
+    """Fetches, verifies and writes repositories; thread-safe (one call per repository).
+
+    With a fence (a Redis worker's), every write transaction first checks the shard's epoch and
+    raises StaleEpoch once another worker took the shard over."""
 
     def __init__(self, pool: ConnectionPool, directory: Directory, client: PdsClient, *,
-                 max_bytes: int, collections: set[str] | None = None) -> None:
+                 max_bytes: int, collections: set[str] | None = None,
+                 fence: Fence | None = None) -> None:
         self._pool = pool
+        self._fence = fence
         self._directory = directory
         self._client = client
         self._max_bytes = max_bytes
@@ -129,44 +135,54 @@ class Backfill:
         log.warning("repository of %s refused: %s", did, reason)
         raw = car[:DEAD_RAW_BYTES] or did.encode()
         try:
-            with self._pool.connection() as conn:
-                conn.execute(DEAD_LETTER, (f"{SOURCE}:{did}", 0, raw, reason))
-        except psycopg.OperationalError as exc:
+            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                self._check(cur)
+                cur.execute(DEAD_LETTER, (f"{SOURCE}:{did}", 0, raw, reason))
+        except RETRYABLE as exc:
             log.warning("could not keep the refusal of %s: %s", did, exc)
         return Outcome(did, REFUSED, size=len(car), reason=reason)
 
     def write(self, ident: Identity, repo: Repo, size: int) -> Outcome:
         """One transaction: the user (when new), every record, the rev; unless a newer rev is
-        there already."""
+        there already. A new user's handle is checked before, with no connection held."""
         did = ident.did
         changes = Changes()
         add_records(changes, repo)
         changes.revs[did] = repo.rev
         try:
-            with self._pool.connection() as conn, conn.transaction():
-                row = conn.execute("SELECT rev FROM repo_revs WHERE did = %s FOR UPDATE",
-                                   (did,)).fetchone()
+            with self._pool.connection() as conn:
+                new = not existing_users(conn, [did])
+            if new:  # a user written meanwhile stays as it is (the merge does nothing)
+                changes.users.append(self._user_row(ident))
+            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                self._check(cur)
+                row = cur.execute("SELECT rev FROM repo_revs WHERE did = %s FOR UPDATE",
+                                  (did,)).fetchone()
                 if row is not None and row[0] > repo.rev:
                     return Outcome(did, SKIPPED, size=size, rev=repo.rev,
                                    reason=f"rev {row[0]} is newer than the snapshot's")
-                if not existing_users(conn, [did]):
-                    changes.users.append(self._user_row(ident))
-                Writer().write(conn, changes)
-        except psycopg.OperationalError as exc:
+                Writer().write(conn, changes)  # a savepoint: the check above holds for it
+        except RETRYABLE as exc:
             return Outcome(did, FAILED, size=size, reason=f"database: {exc}")
         except psycopg.Error as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             return self._refuse(did, b"", f"rejected by database: {first}")
         return Outcome(did, DONE, len(repo.records), size, repo.rev)
 
+    def _check(self, cur: psycopg.Cursor) -> None:
+        if self._fence is not None:
+            self._fence.check(cur)
+
     def _user_row(self, ident: Identity) -> tuple[object, ...]:
         """The users row of a DID the database has not seen: its handle verified if possible."""
+        error = None
         if not ident.complete:
             try:
                 ident = self._directory.verify(ident)
-            except ResolutionFailed:
-                pass  # the claimed handle, unverified: the refresher tries again
-        return (ident.did, ident.handle, not ident.complete, ident.handle_verified, ident.pds)
+            except ResolutionFailed as exc:  # the claimed handle, unverified: retried later
+                error = failure_reason(exc)
+        return (ident.did, ident.handle, not ident.complete, ident.handle_verified, ident.pds,
+                error)
 
 
 def add_records(changes: Changes, repo: Repo) -> None:

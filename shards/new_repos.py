@@ -5,50 +5,33 @@ writes it between two of its own transactions, so it falls in order with the use
 The loop keeps, per DID waiting for its repository, the newest rev of the live commits it has
 written: a snapshot older than those is fetched again (a few times at most), since writing it
 would take the records back in time. Once a snapshot is written, live commits of that DID with a
-rev not newer than its own are skipped (`Revs`): the snapshot holds them already."""
+rev not newer than its own are skipped (shards/frames.py keeps each repository's rev): the
+snapshot holds them already."""
 from __future__ import annotations
 
 import logging
 import queue
 import threading
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 from shards.backfill import FAILED, SKIPPED, Backfill, Outcome
 from shards.firehose.verify import Repo
 from shards.identity.directory import Identity
 from shards.identity.metrics import Counters
+from shards.store.fence import StaleEpoch
 
 log = logging.getLogger("pipeline.backfill")
 
 FETCHES = 3  # snapshots fetched for one DID while live commits keep being newer
 MAX_WAITING = 100_000  # DIDs waiting for their repository, per worker; more are counted, dropped
-MAX_REVS = 1_000_000  # repository revs remembered, least recently used dropped first
 
 Fetched = tuple[Identity, Repo, int] | Outcome
 
 
-class Revs:
-    """The rev of the snapshot written per DID (repo_revs, read as DIDs are first looked up):
-    a live commit not newer than it is in the snapshot already."""
-
-    def __init__(self, capacity: int = MAX_REVS) -> None:
-        self._revs: OrderedDict[str, str] = OrderedDict()
-        self._capacity = capacity
-
-    def stale(self, did: str, rev: str) -> bool:
-        applied = self._revs.get(did)
-        return applied is not None and rev <= applied
-
-    def set(self, did: str, rev: str) -> None:
-        self._revs[did] = rev
-        self._revs.move_to_end(did)
-        if len(self._revs) > self._capacity:
-            self._revs.popitem(last=False)
-
-
 class NewRepos:
-    """Thread-safe `offer`; everything else is the worker loop's."""
+    """Thread-safe `offer`; everything else is the worker loop's. A refusal kept in
+    dead_letters that finds the worker's shard taken over leaves the StaleEpoch in `fenced`
+    for the worker to stop on."""
 
     def __init__(self, backfill: Backfill, concurrency: int, counters: Counters) -> None:
         self._backfill = backfill
@@ -56,6 +39,7 @@ class NewRepos:
         self._ready: queue.SimpleQueue[tuple[str, Fetched]] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._counters = counters
+        self.fenced: StaleEpoch | None = None
         self.waiting: dict[str, int] = {}  # DID -> snapshots fetched so far
         self.live_revs: dict[str, str] = {}  # DID waiting -> newest live rev written
 
@@ -76,6 +60,9 @@ class NewRepos:
     def _load(self, did: str) -> None:
         try:
             got: Fetched = self._backfill.fetch_verified(did, self._stop)
+        except StaleEpoch as exc:
+            self.fenced = exc
+            return
         except Exception as exc:  # a bug, not an answer: counted as a failure, never lost
             log.exception("backfill of %s failed", did)
             got = Outcome(did, FAILED, reason=str(exc))

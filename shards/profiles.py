@@ -18,13 +18,14 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import psycopg
 from psycopg_pool import ConnectionPool
 
 from common.routing import sql_shard_expr
 from shards.pds.client import (
     ABSENT, BAD, FAILED, FOUND, LATER, REFUSED, Answer, EndpointRefused, PdsClient,
 )
+from shards.store.fence import Fence, StaleEpoch
+from shards.store.pool import RETRYABLE
 from shards.store.writes import DEAD_LETTER, lock_users
 
 log = logging.getLogger("pipeline.profiles")
@@ -73,11 +74,17 @@ class ProfileResult:
 
 class ProfileFetcher:
     """Per shard (or for all shards when `shard` is None): `start` runs it in the background
-    until `stop`; `run_pass` once over the due users (refresh-users)."""
+    until `stop`; `run_pass` once over the due users (refresh-users).
+
+    With a fence (a Redis worker's), a write that finds its shard taken over stops the fetcher
+    and leaves the StaleEpoch in `fenced` for the worker to stop on."""
 
     def __init__(self, pool: ConnectionPool, client: PdsClient, shard: int | None = None,
-                 shards: int = 1, backlog: int = BACKLOG, poll: float = POLL) -> None:
+                 shards: int = 1, backlog: int = BACKLOG, poll: float = POLL,
+                 fence: Fence | None = None) -> None:
         self._pool = pool
+        self._fence = fence
+        self.fenced: StaleEpoch | None = None
         self._client = client
         self._limits = client.limits
         self._config = client.config
@@ -121,6 +128,9 @@ class ProfileFetcher:
         while not self._stop.is_set():
             try:
                 delay = self.step()
+            except StaleEpoch as exc:
+                self.fenced = exc
+                return
             except Exception:  # never let the loop die; the next step tries again
                 log.exception("%s: step failed", self.name)
                 delay = STEP
@@ -260,12 +270,14 @@ class ProfileFetcher:
                                        self._config.max_backoff)
         try:
             with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                if self._fence is not None:
+                    self._fence.check(cur)
                 lock_users(cur, (did for did, _host, _answer in outcomes))
                 for sql, params in statements:
                     cur.execute(sql, params)
                 if dead:
                     cur.executemany(DEAD_LETTER, dead)
-        except psycopg.OperationalError as exc:
+        except RETRYABLE as exc:
             log.warning("%s: could not save profiles: %s", self.name, exc)
         else:
             self.result.checked += len(outcomes)

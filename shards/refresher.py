@@ -14,8 +14,11 @@ from psycopg_pool import ConnectionPool
 from common.routing import sql_shard_expr
 from shards.identity.directory import (
     INVALID_HANDLE, DIDNotFound, Directory, Identity, IdentityError, ResolutionFailed,
+    failure_reason,
 )
 from shards.profiles import ProfileFetcher, ProfileResult
+from shards.store.fence import Fence, StaleEpoch
+from shards.store.pool import RETRYABLE
 from shards.store.writes import lock_users
 
 log = logging.getLogger("pipeline.refresher")
@@ -39,38 +42,47 @@ class RefreshResult:
         return self
 
 
-# A user whose PDS is new (found, or moved) and whose profile is not known is due for it again.
+# A complete user keeps no error; an incomplete one the newest it was given, if any. A user
+# whose PDS is new (found, or moved) and whose profile is not known is due for it again.
 _UPDATE = (
     "UPDATE users SET handle = %(handle)s, handle_verified = %(verified)s, pds = %(pds)s,"
-    " incomplete = %(incomplete)s, refresh_attempts = 0, refresh_after = now(),"
+    " incomplete = %(incomplete)s,"
+    " resolve_error = CASE WHEN %(incomplete)s THEN coalesce(%(error)s, resolve_error) END,"
+    " refresh_attempts = 0, refresh_after = now(),"
     " profile_after = CASE WHEN %(pds)s::text IS NOT NULL AND pds IS DISTINCT FROM %(pds)s"
     " AND profile_source IS DISTINCT FROM 'stream' AND profile_source IS DISTINCT FROM 'pds'"
     " THEN now() ELSE profile_after END, updated_at = now() WHERE did = %(did)s"
 )
 _FAILED = (
-    "UPDATE users SET refresh_attempts = refresh_attempts + 1,"
+    "UPDATE users SET refresh_attempts = refresh_attempts + 1, resolve_error = %s,"
     " refresh_after = now() + make_interval(secs => least(%s * power(2, refresh_attempts), %s))"
     " WHERE did = %s"
 )
 
 
-def _row(ident: Identity) -> dict[str, object]:
+def _row(ident: Identity, error: str | None = None) -> dict[str, object]:
     return {"handle": ident.handle, "verified": ident.handle_verified, "pds": ident.pds,
-            "incomplete": not ident.complete, "did": ident.did}
+            "incomplete": not ident.complete, "error": error, "did": ident.did}
 
 
 class Refresher:
-    """Per shard (or for all shards when `shard` is None): select due users, resolve, update."""
+    """Per shard (or for all shards when `shard` is None): select due users, resolve, update.
+
+    With a fence (a Redis worker's), a pass that finds its shard taken over stops the refresher
+    and leaves the StaleEpoch in `fenced` for the worker to stop on."""
 
     def __init__(self, pool: ConnectionPool, directory: Directory, shard: int | None = None,
                  shards: int = 1, interval: float = 30.0, page: int = 200,
-                 concurrency: int = 8, profiles: ProfileFetcher | None = None) -> None:
+                 concurrency: int = 8, fence: Fence | None = None,
+                 profiles: ProfileFetcher | None = None) -> None:
         self._pool = pool
         self._directory = directory
         self._where = "" if shard is None else f" AND {sql_shard_expr('did', shards)} = {int(shard)}"
         self._interval = interval
         self._page = page
         self._concurrency = concurrency
+        self._fence = fence
+        self.fenced: StaleEpoch | None = None
         self.profiles = profiles
         self._late: queue.SimpleQueue[Identity] = queue.SimpleQueue()
         self._stop = threading.Event()
@@ -101,6 +113,9 @@ class Refresher:
         while not self._stop.wait(self._interval):
             try:
                 self.run_pass(due_only=True)
+            except StaleEpoch as exc:
+                self.fenced = exc
+                return
             except Exception:  # never let the loop die; the next pass tries again
                 log.exception("%s: pass failed", self.name)
 
@@ -129,8 +144,13 @@ class Refresher:
             rows.append(_row(self._late.get()))
         if rows:
             with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                self._check(cur)
                 lock_users(cur, (row["did"] for row in rows))
                 cur.executemany(_UPDATE + " AND incomplete", rows)
+
+    def _check(self, cur: psycopg.Cursor) -> None:
+        if self._fence is not None:
+            self._fence.check(cur)
 
     def _count_due(self) -> int:
         with self._pool.connection() as conn:
@@ -146,19 +166,21 @@ class Refresher:
             ).fetchall()
         return [r[0] for r in rows]
 
-    def _resolve(self, did: str) -> Identity | IdentityError:
+    def _resolve(self, did: str) -> tuple[Identity | None, str | None]:
+        """What is known of `did` now (None: nothing), and why it is not complete, if it is not."""
         try:
             ident = self._directory.resolve_did(did)
         except DIDNotFound:
-            return Identity(did, INVALID_HANDLE)
+            return Identity(did, INVALID_HANDLE), None
         except IdentityError as exc:
-            return exc
+            return None, failure_reason(exc)
         if ident.complete:
-            return ident
+            return ident, None
         try:
-            return self._directory.verify(ident)
-        except ResolutionFailed:
-            return ident  # the claimed handle, unverified: tried again after a backoff
+            return self._directory.verify(ident), None
+        except ResolutionFailed as exc:
+            # The claimed handle, unverified: tried again after a backoff.
+            return ident, failure_reason(exc)
 
     def _refresh(self, dids: list[str]) -> RefreshResult:
         """Resolves with no connection held, then writes every outcome in one transaction."""
@@ -166,16 +188,18 @@ class Refresher:
             self._directory.purge(did)
         with ThreadPoolExecutor(self._concurrency, thread_name_prefix=self.name) as ex:
             outcomes = list(ex.map(self._resolve, dids))
-        done = [_row(o) for o in outcomes if isinstance(o, Identity)]
-        failed = [(FIRST_BACKOFF, MAX_BACKOFF, d) for d, o in zip(dids, outcomes)
-                  if not (isinstance(o, Identity) and o.complete)]
+        done = [_row(ident, error) for ident, error in outcomes if ident is not None]
+        failed = [(error, FIRST_BACKOFF, MAX_BACKOFF, did)
+                  for did, (ident, error) in zip(dids, outcomes)
+                  if ident is None or not ident.complete]
         try:
             with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                self._check(cur)
                 lock_users(cur, dids)
                 if done:
                     cur.executemany(_UPDATE, done)
                 if failed:
                     cur.executemany(_FAILED, failed)
-        except psycopg.OperationalError as exc:
+        except RETRYABLE as exc:
             log.warning("%s: could not save results: %s", self.name, exc)
         return RefreshResult(len(dids), len(dids) - len(failed), len(failed))

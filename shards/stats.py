@@ -45,6 +45,7 @@ class ShardStats:
     users_created: int = 0
     users_fallback: int = 0
     users_unverified: int = 0
+    users_refused: int = 0  # written incomplete because an address was refused
     transactions: int = 0
     db_retries: int = 0
     active_user_creations: int = 0
@@ -58,6 +59,9 @@ class ShardStats:
     identity: dict[str, int] = field(default_factory=dict)
     pool: dict[str, int] = field(default_factory=dict)
     refresher_backlog: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)  # frames acknowledged unwritten, why
+    verify_failures: Counter[str] = field(default_factory=Counter)  # firehose, by check
+    frame_time: float | None = None  # unix time of the newest firehose frame committed
 
     def gauges(self, active: int, pending: int) -> None:
         self.active_user_creations, self.pending_user_creations = active, pending

@@ -17,7 +17,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shards.events import Event
-from shards.identity.directory import Directory, Identity, ResolutionFailed
+from shards.identity.directory import (
+    AddressRefused,
+    Directory,
+    Identity,
+    ResolutionFailed,
+    failure_reason,
+)
+
+TIMED_OUT = "timed out: no answer before the event's deadline"
 
 
 class ResolverThreads:
@@ -70,7 +78,7 @@ class ResolverThreads:
 
 @dataclass(frozen=True)
 class NewUser:
-    """The users row written when a resolution settles."""
+    """The users row written when a resolution settles; `error` says why it is incomplete."""
 
     did: str
     handle: str
@@ -78,14 +86,12 @@ class NewUser:
     pds: str | None
     incomplete: bool
     fallback: bool
+    error: str | None = None  # "reason: detail" (failure_reason), None when complete
+    refused: bool = False  # what stopped it was an address refused by the policy
 
     def row(self) -> tuple[Any, ...]:
-        return (self.did, self.handle, self.incomplete, self.handle_verified, self.pds)
-
-    @classmethod
-    def of(cls, ident: Identity) -> NewUser:
-        return cls(ident.did, ident.handle, ident.handle_verified, ident.pds,
-                   not ident.complete, False)
+        return (self.did, self.handle, self.incomplete, self.handle_verified, self.pds,
+                self.error)
 
 
 @dataclass(eq=False)
@@ -102,6 +108,13 @@ class Pending:
     started: float = 0.0  # when its resolution got a slot
     holds_slot: bool = False
     stand_in: bool = False  # a thread was added while this one waits on a slow answer
+    error: BaseException | None = None  # why the resolution or the handle check failed
+    create: bool = True  # a new user; False: a known one whose DID document (key) is needed
+
+    @property
+    def identity(self) -> Identity | None:
+        """What the resolution learnt in time: the whole answer, or the document alone."""
+        return self.result if self.result is not None else self.partial
 
 
 class UserCreations:
@@ -145,13 +158,14 @@ class UserCreations:
         self.active = 0
         self.coalesced = 0
 
-    def begin(self, did: str, received: float) -> Pending:
-        """The one resolution in flight for `did`, started if there is none."""
+    def begin(self, did: str, received: float, create: bool = True) -> Pending:
+        """The one resolution in flight for `did`, started if there is none. `create=False`
+        resolves a known author's DID document only (its signing key), without a users row."""
         pending = self.pending.get(did)
         if pending is not None:
             self.coalesced += 1
             return pending
-        pending = Pending(did, received + self._timeout)
+        pending = Pending(did, received + self._timeout, create=create)
         self.pending[did] = pending
         heapq.heappush(self._deadlines, (pending.deadline, next(self._seq), did))
         self._threads.submit(lambda: self._run(pending))
@@ -202,12 +216,18 @@ class UserCreations:
         return settled
 
     def _outcome(self, pending: Pending) -> NewUser:
-        if pending.result is not None:
-            return NewUser.of(pending.result)
+        failed = pending.error if pending.done else None
+        error = TIMED_OUT if failed is None else failure_reason(failed)
+        refused = isinstance(failed, AddressRefused)
+        ident = pending.result
+        if ident is not None:
+            complete = ident.complete
+            return NewUser(ident.did, ident.handle, ident.handle_verified, ident.pds,
+                           not complete, False, None if complete else error, refused)
         if pending.partial is not None:  # document read, handle not yet verified
             p = pending.partial
-            return NewUser(p.did, p.handle, False, p.pds, True, False)
-        return NewUser(pending.did, pending.did, False, None, True, True)
+            return NewUser(p.did, p.handle, False, p.pds, True, False, error, refused)
+        return NewUser(pending.did, pending.did, False, None, True, True, error, refused)
 
     def _slow_after(self) -> float:
         typical = sorted(self._durations)[len(self._durations) // 2]
@@ -245,8 +265,8 @@ class UserCreations:
         result: Identity | None = None
         try:
             result = self._resolve(pending)
-        except Exception:  # a failure: the user is written with what is known
-            pass
+        except Exception as exc:  # a failure: the user is written with what is known
+            pending.error = exc
         finally:
             with self._lock:
                 self._durations.append(time.monotonic() - pending.started)
@@ -261,15 +281,16 @@ class UserCreations:
             self._finished.append(pending.did)
             if self._wake is not None:
                 self._wake()
-        elif result is not None:  # failures: the refresher retries on its own
+        elif result is not None and pending.create:  # failures: the refresher retries on its own
             self._late(result)
 
     def _resolve(self, pending: Pending) -> Identity:
         ident = self._directory.resolve_did(pending.did)
         pending.partial = ident
-        if ident.complete:
+        if ident.complete or not pending.create:
             return ident
         try:
             return self._directory.verify(ident)
-        except ResolutionFailed:
+        except ResolutionFailed as exc:
+            pending.error = exc
             return ident

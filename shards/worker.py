@@ -9,28 +9,32 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from enum import IntEnum
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import psycopg
 
+from common import stop_signals
 from common.logs import configure
 from shards import collector
 from shards.backfill import DONE, Backfill
 from shards.events import BadEvent, Event, decode
-from shards.identity import Counters, IdentityConfig, build_directory
-from shards.new_repos import NewRepos, Revs
+from shards.frames import KEY_UNAVAILABLE, FrameEvent, Frames, Refused, frame_time
+from shards.frames import decode as decode_frame
+from shards.identity import Counters, Identity, IdentityConfig, build_directory
+from shards.new_repos import NewRepos
 from shards.pds.client import PdsClient
 from shards.pds.config import PdsConfig
 from shards.profiles import ProfileFetcher
 from shards.refresher import Refresher
 from shards.stats import ShardStats
-from shards.store.pool import open_pool
-from shards.store.writes import Changes, Writer, existing_users, repo_revs
+from shards.store.fence import Fence, StaleEpoch
+from shards.store.pool import RETRYABLE, open_pool
+from shards.store.writes import Changes, Writer, existing_users, repo_states
 from shards.users import UserCreations
 
 log = logging.getLogger("pipeline.shard")
@@ -62,8 +66,14 @@ class WorkerConfig:
     refresh_interval: float = 30.0
     end_wait: float = 1.0  # once the source has ended, the longest a new author is waited for
     known_capacity: int = 1_000_000
+    # Redis workers: the epoch this worker took the shard over with, checked by every write
+    # transaction, and the lease after which the server ends a transaction left idle. Local
+    # workers are restarted only once seen dead, so they have neither.
+    epoch: int | None = None
+    lease: float | None = None
     log_level: str = "WARNING"
     log_format: str = "text"
+    verify: bool = True  # firehose commits: check hashes, signature and tree before writing
 
 
 class KnownDIDs:
@@ -102,6 +112,7 @@ class OpenWrite:
     changes: Changes = field(default_factory=Changes)
     acks: Acks = field(default_factory=Acks)
     events: list[Event] = field(default_factory=list)
+    frames: list[tuple[FrameEvent, bool]] = field(default_factory=list)  # (frame, written)
     since: float | None = None  # when the first thing was added
 
     def add(self, ev: Event) -> None:
@@ -109,8 +120,26 @@ class OpenWrite:
         self.acks.add(ev.batch, ev.idx)
         self.events.append(ev)
 
+    def add_frame(self, fe: FrameEvent, write: bool) -> None:
+        """A frame's events and new rev (`write`), or only its acknowledgement (skipped)."""
+        if write:
+            for ev in fe.events:
+                self.changes.add(ev)
+            if fe.rev is not None and fe.did:
+                self.changes.revs[fe.did] = fe.rev
+        else:
+            self.changes.noops += 1
+        self.acks.add(fe.batch, fe.idx)
+        self.frames.append((fe, write))
+
+    def dead(self, source: str, batch: int, idx: int, position: int, raw: bytes,
+             reason: str) -> None:
+        self.changes.dead.append((source, position, raw[:DEAD_RAW_BYTES], reason))
+        self.acks.add(batch, idx, dead=True)
+
     def size(self) -> int:
-        return len(self.events) + len(self.changes.dead) + len(self.changes.users)
+        return (len(self.events) + len(self.frames) + len(self.changes.dead)
+                + len(self.changes.users))
 
 
 class ShardWorker:
@@ -121,25 +150,27 @@ class ShardWorker:
         self.conn = conn
         self.stats = ShardStats(config.shard)
         name = f"pipeline-shard-{config.shard}"
-        self.pool = open_pool(config.dsn, config.pool_size, name)
+        self.pool = open_pool(config.dsn, config.pool_size, name, idle_in_transaction=config.lease)
         counters = Counters()  # identity and PDS figures, reported together
         self.directory = build_directory(config.identity, counters=counters)
+        fence = None if config.epoch is None else Fence(config.shard, config.epoch)
         client = PdsClient(config.identity, config.pds, counters)  # one set of host limits
         profiles = None
         if config.pds.fetch_profiles:
             profiles = ProfileFetcher(self.pool, client, config.shard, config.shards,
-                                      poll=config.refresh_interval)
+                                      poll=config.refresh_interval, fence=fence)
         self.backfill = Backfill(self.pool, self.directory, client,
-                                 max_bytes=config.max_repo_bytes)
+                                 max_bytes=config.max_repo_bytes, fence=fence)
         self.new_repos = (NewRepos(self.backfill, config.backfill_concurrency, counters)
                           if config.backfill_new_users else None)
-        self.revs = Revs()
         self.refresher = Refresher(self.pool, self.directory, config.shard, config.shards,
-                                   interval=config.refresh_interval, profiles=profiles)
+                                   interval=config.refresh_interval, fence=fence,
+                                   profiles=profiles)
         self.users = UserCreations(self.directory, config.slots, config.resolve_timeout,
                                    wake=None, late=self.refresher.offer)
         self.known = KnownDIDs(config.known_capacity)
-        self.writer = Writer()
+        self.frames = Frames(config.verify)
+        self.writer = Writer(fence)
         self.batches: dict[int, list[float]] = {}  # batch id -> [read time, events not yet committed]
         self.stopping = False
 
@@ -150,6 +181,9 @@ class ShardWorker:
         last_stats = time.monotonic()
         txn = OpenWrite()
         while not (self.stopping and not self.users.pending and not txn.changes):
+            fenced = self._fenced()
+            if fenced is not None:
+                raise fenced
             now = time.monotonic()
             timeout = 0.5
             deadline = self.users.next_deadline()
@@ -175,13 +209,14 @@ class ShardWorker:
                     self.conn.send(("ack", self.config.shard, taken))
             now = time.monotonic()
             for pending, user in self.users.settle_due(now):
-                self.stats.users_created += 1
-                self.stats.users_fallback += user.fallback
-                self.stats.users_unverified += (not user.fallback and user.incomplete)
-                txn.changes.users.append(user.row())
-                self.known.add(pending.did)
-                for ev in pending.events:
-                    self._add(txn, ev)
+                if pending.create:
+                    self.stats.users_created += 1
+                    self.stats.users_fallback += user.fallback
+                    self.stats.users_unverified += (not user.fallback and user.incomplete)
+                    self.stats.users_refused += user.refused
+                    txn.changes.users.append(user.row())
+                    self.known.add(pending.did)
+                self._ready(pending.events, txn, now, pending.identity, resolved=True)
             if txn.changes and txn.since is None:
                 txn.since = now
             if txn.changes and (self.stopping or txn.size() >= GROUP_EVENTS
@@ -194,7 +229,7 @@ class ShardWorker:
                 for did, (ident, repo, size) in ready:
                     outcome = self.backfill.write(ident, repo, size)
                     if outcome.result == DONE:
-                        self.revs.set(did, repo.rev)
+                        self.frames.written(did, repo.rev)
                     self.new_repos.written(did, outcome)
             if now - last_stats >= STATS_EVERY:
                 self.conn.send(("stats", self.config.shard, self.snapshot()))
@@ -211,23 +246,17 @@ class ShardWorker:
         self._offer_new_users(txn.changes)
         return OpenWrite()
 
-    def _add(self, txn: OpenWrite, ev: Event) -> None:
-        """An event into the open transaction, unless the repository snapshot written for its
-        author holds it already (acknowledged, not written)."""
-        if ev.rev is not None:
-            if self.revs.stale(ev.did, ev.rev):
-                txn.acks.add(ev.batch, ev.idx)
-                txn.changes.noops += 1
-                return
-            if self.new_repos is not None:
-                self.new_repos.live(ev.did, ev.rev)
-        txn.add(ev)
+    def _fenced(self) -> StaleEpoch | None:
+        """The refusal a background job's transaction met: the shard was taken over."""
+        profiles = self.refresher.profiles
+        return (self.refresher.fenced or (profiles.fenced if profiles is not None else None)
+                or (self.new_repos.fenced if self.new_repos is not None else None))
 
     def _offer_new_users(self, changes: Changes) -> None:
         """New users go to the background jobs now, never waiting on them: those with a PDS and
         no profile from the stream to the profile fetcher, all to the repository backfill."""
         profiles = self.refresher.profiles
-        for did, _handle, _incomplete, _verified, pds in changes.users:
+        for did, _handle, _incomplete, _verified, pds, _error in changes.users:
             if profiles is not None and pds is not None and did not in changes.profiles:
                 profiles.offer(did, pds)
             if self.new_repos is not None:
@@ -243,6 +272,8 @@ class ShardWorker:
                            "in_use": pool.get("pool_size", 0) - pool.get("pool_available", 0),
                            "waiting": pool.get("requests_waiting", 0)}
         self.stats.refresher_backlog = self.refresher.backlog
+        self.stats.skipped = self.frames.skipped
+        self.stats.verify_failures = self.frames.failures
         return self.stats
 
     def _take(self, msg: tuple[Any, ...], txn: OpenWrite) -> None:
@@ -250,45 +281,130 @@ class ShardWorker:
         _, batch_id, read_time, idxs, positions, lines = msg
         received = time.monotonic()
         self.batches[batch_id] = [read_time, len(idxs)]
-        unknown: dict[str, list[Event]] = {}
+        unknown: dict[str, list[Event | FrameEvent]] = {}
+        known: list[Event | FrameEvent] = []
+        revs: set[str] = set()
         for idx, position, raw in zip(idxs, positions, lines):
-            try:
-                ev = decode(raw, batch_id, idx, position)
+            try:  # a frame opens with a CBOR map, a JSON line with "{" or white space
+                ev: Event | FrameEvent = (decode_frame if raw[:1] >= b"\x80" else decode)(
+                    raw, batch_id, idx, position)
             except BadEvent as exc:
-                txn.changes.dead.append(
-                    (self.config.source, position, raw[:DEAD_RAW_BYTES], str(exc)))
-                txn.acks.add(batch_id, idx, dead=True)
-                self.stats.dead_reasons[str(exc).split(":")[0]] += 1
+                if isinstance(exc, Refused):
+                    self.frames.failures[exc.check] += 1
+                self._dead(txn, batch_id, idx, position, raw, str(exc))
                 continue
+            if not ev.did:  # #info, unknown kinds: counted, nothing to write
+                self.frames.skipped[f"kind {ev.kind[:40]}"] += 1
+                txn.add_frame(ev, write=False)  # type: ignore[arg-type]
+                continue
+            if ev.rev is not None or ev.kind == "#account":
+                revs.add(ev.did)
             pending = self.users.pending.get(ev.did)
             if pending is not None:
                 pending.events.append(ev)
                 self.users.coalesced += 1
             elif ev.did in self.known:
-                self._add(txn, ev)
+                known.append(ev)
             else:
                 unknown.setdefault(ev.did, []).append(ev)
-        if not unknown:
-            return
-        existing = self._existing(list(unknown))
+        existing = self._lookup(list(unknown), self.frames.missing_repos(revs))
+        for ev in known:
+            self._ready([ev], txn, received)
         for did, evs in unknown.items():
             if did in existing:
                 self.known.add(did)
-                for ev in evs:
-                    self._add(txn, ev)
+                self._ready(evs, txn, received)
             else:
                 self.users.begin(did, received).events.extend(evs)
 
-    def _existing(self, dids: list[str]) -> set[str]:
+    def _lookup(self, dids: list[str], repos: list[str]) -> set[str]:
+        """Which of `dids` are users already; loads the repository states of `repos`."""
+        if not dids and not repos:
+            return set()
         for attempt in range(1_000_000):
             try:
                 with self.pool.connection() as conn:
-                    for did, rev in repo_revs(conn, dids):  # backfilled: older commits skip
-                        self.revs.set(did, rev)
-                    return existing_users(conn, dids)
-            except psycopg.OperationalError as exc:
+                    if repos:
+                        self.frames.load(repo_states(conn, repos))
+                    return existing_users(conn, dids) if dids else set()
+            except RETRYABLE as exc:
                 self._backoff(attempt, exc)
         raise AssertionError("unreachable")
+
+    def _ready(self, items: list[Event | FrameEvent], txn: OpenWrite, now: float,
+               ident: Identity | None = None, resolved: bool = False) -> None:
+        """Events of one author whose users row exists (or is in `txn`), in order. A frame that
+        needs its author's key and finds none cached waits for the author's DID document, and
+        everything after it waits too; `resolved`: that document was just asked for."""
+        for i, item in enumerate(items):
+            if item.did in self.users.pending:  # queued behind a resolution of its author
+                self.users.pending[item.did].events.extend(items[i:])
+                return
+            if isinstance(item, Event):
+                self._add(item, txn)
+                continue
+            if item.needs_key and self.frames.verify:
+                if not resolved:
+                    ident = self.directory.cached(item.did)
+                if ident is None and not resolved:
+                    self.users.begin(item.did, now, create=False).events.extend(items[i:])
+                    return
+            self._apply(item, txn, now, ident)
+
+    def _apply(self, fe: FrameEvent, txn: OpenWrite, now: float, ident: Identity | None) -> None:
+        """Verifies a frame with its author's key, then writes it, skips it, or dead-letters it."""
+        if fe.needs_key and self.frames.verify:
+            if ident is None:
+                self.frames.failures["key"] += 1
+                self._dead(txn, fe.batch, fe.idx, fe.position, fe.raw, KEY_UNAVAILABLE)
+                return
+            failed = self.frames.check(fe, self.frames.key(ident))
+            if failed is not None and failed.startswith("signature") and not fe.refetched:
+                fe.refetched = True  # keys rotate: read the document again, once
+                self.directory.purge(fe.did or "")
+                self.users.begin(fe.did or "", now, create=False).events.append(fe)
+                return
+            if failed is not None:
+                self.frames.failures[failed.split(":")[0]] += 1
+                self._dead(txn, fe.batch, fe.idx, fe.position, fe.raw, failed)
+                return
+        if fe.rev is not None or fe.kind == "#account":
+            self._repo_state(fe.did or "")
+        skipped = self.frames.admit(fe)
+        if skipped is not None:
+            self.frames.skipped[skipped] += 1
+            txn.add_frame(fe, write=False)
+            return
+        if fe.kind == "#identity":
+            self.directory.purge(fe.did or "")  # the next commit reads the document again
+        if fe.rev is not None and self.new_repos is not None:
+            self.new_repos.live(fe.did or "", fe.rev)
+        txn.add_frame(fe, write=True)
+
+    def _add(self, ev: Event, txn: OpenWrite) -> None:
+        """A Jetstream event into the open transaction; a commit not newer than its repository's
+        rev (a snapshot holds it already) is acknowledged and counted, not written."""
+        if ev.rev is not None:
+            self._repo_state(ev.did)
+            skipped = self.frames.admit_event(ev)
+            if skipped is not None:
+                self.frames.skipped[skipped] += 1
+                txn.acks.add(ev.batch, ev.idx)
+                txn.changes.noops += 1
+                return
+            if self.new_repos is not None:
+                self.new_repos.live(ev.did, ev.rev)
+        txn.add(ev)
+
+    def _repo_state(self, did: str) -> None:
+        """Loads a repository's state that was dropped (or never read) while its events waited."""
+        if did not in self.frames.repos:
+            self._lookup([], [did])
+
+    def _dead(self, txn: OpenWrite, batch: int, idx: int, position: int, raw: bytes,
+              reason: str) -> None:
+        txn.dead(self.config.source, batch, idx, position, raw, reason)
+        self.stats.dead_reasons[reason.split(":")[0]] += 1
 
     def _backoff(self, attempt: int, exc: Exception) -> None:
         self.stats.db_retries += 1
@@ -306,17 +422,21 @@ class ShardWorker:
                 with self.pool.connection() as conn:
                     self.writer.write(conn, changes)
                 break
-            except psycopg.OperationalError as exc:
+            except RETRYABLE as exc:
                 self._backoff(attempt, exc)
                 attempt += 1
             except psycopg.Error as exc:
                 log.warning("shard %d: batch rejected (%s); writing event by event",
                             self.config.shard, exc)
-                self._commit_one_by_one(changes, events, acks)
+                self._commit_one_by_one(txn)
                 break
         now = time.monotonic()
         self.stats.transactions += 1
         self.stats.events_by_kind.update(ev.kind for ev in events)
+        self.stats.events_by_kind.update(fe.kind for fe, _ in txn.frames)
+        newest = frame_time(max((fe.time for fe, _ in txn.frames if fe.time), default=None))
+        if newest is not None:  # ISO times of one relay compare as their strings
+            self.stats.frame_time = max(self.stats.frame_time or 0.0, newest)
         for batch_id, (committed, dead) in acks.batches.items():
             self.stats.committed += len(committed)
             self.stats.dead_letters += len(dead)
@@ -326,36 +446,60 @@ class ShardWorker:
             if entry[1] <= 0:
                 del self.batches[batch_id]
 
-    def _commit_one_by_one(self, changes: Changes, events: list[Event], acks: Acks) -> None:
-        base = Changes(users=changes.users, dead=changes.dead)
+    def _commit_one_by_one(self, txn: OpenWrite) -> None:
+        """Users and dead letters first, then each event (or frame, with its rev) on its own;
+        what the database still rejects becomes a dead letter."""
+        changes, acks = txn.changes, txn.acks
+        units: list[tuple[Event | FrameEvent, Changes]] = []
+        for ev in txn.events:
+            units.append((ev, Changes()))
+            units[-1][1].add(ev)
+        for fe, written in txn.frames:
+            if written:
+                units.append((fe, Changes(revs={fe.did: fe.rev} if fe.did and fe.rev else {})))
+                for ev in fe.events:
+                    units[-1][1].add(ev)
         with self.pool.connection() as conn:
-            self.writer.write(conn, base)
-            for ev in events:
-                single = Changes()
-                single.add(ev)
+            self.writer.write(conn, Changes(users=changes.users, dead=changes.dead))
+            for item, single in units:
                 try:
                     self.writer.write(conn, single)
-                except psycopg.OperationalError:
+                except RETRYABLE:
                     raise
                 except psycopg.Error as exc:
                     reason = f"rejected by database: {str(exc).strip().splitlines()[0]}"
-                    self.writer.write(
-                        conn, Changes(dead=[(self.config.source, ev.position, ev.raw, reason)]))
-                    committed, dead = acks.batches[ev.batch]
-                    committed.remove(ev.idx)
-                    dead.append(ev.idx)
+                    self.writer.write(conn, Changes(
+                        dead=[(self.config.source, item.position, item.raw[:DEAD_RAW_BYTES],
+                               reason)]))
+                    committed, dead = acks.batches[item.batch]
+                    committed.remove(item.idx)
+                    dead.append(item.idx)
                     self.stats.dead_reasons["rejected by database"] += 1
-                    self.stats.events_by_kind[ev.kind] -= 1
+                    self.stats.events_by_kind[item.kind] -= 1
+
+
+class WorkerExit(IntEnum):
+    """What a local worker's exit code says; a worker ended by a signal shows as minus its
+    number (multiprocessing's convention)."""
+
+    STOPPED = 0  # told to stop: everything it took is committed and acknowledged
+    FAILED = 1  # an unexpected error, logged with its traceback
+    ORPHANED = 3  # the supervisor went away: nobody left to acknowledge to
 
 
 def main(config: WorkerConfig, conn: Connection) -> None:
-    """Process entry point: the supervisor coordinates stopping, so SIGINT is left to it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """Process entry point. The supervisor decides when a worker stops, so the SIGINT and
+    SIGTERM that reach every process of the group (Ctrl-C, systemd) are ignored here."""
+    stop_signals.ignore()
     configure(config.log_level, config.log_format, f"shard-{config.shard}")
+    code = WorkerExit.STOPPED
     try:
         ShardWorker(config, conn).run()
     except (EOFError, BrokenPipeError, ConnectionResetError):
-        pass  # the supervisor is gone: nothing to acknowledge to
+        code = WorkerExit.ORPHANED
+    except Exception:
+        log.exception("shard %d: worker failed", config.shard)
+        code = WorkerExit.FAILED
     finally:
         conn.close()
-    os._exit(0)
+    os._exit(code)

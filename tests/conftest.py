@@ -80,6 +80,15 @@ def query(dsn: str, sql: str, params: tuple[object, ...] = ()) -> list[tuple[obj
         return conn.execute(sql, params).fetchall()
 
 
+def like(did: str, rkey: str) -> bytes:
+    """A Jetstream line: `did` likes a post."""
+    return orjson.dumps({"did": did, "time_us": 1_700_000_000_000_000, "kind": "commit", "commit": {
+        "rev": "3l3qo2vutsw2b", "operation": "create", "collection": "app.bsky.feed.like",
+        "rkey": rkey, "cid": "bafyreidfayvfuwqa7qlnopdjiqrxzs6blmoeu4rujcjtnci5beludirz2a",
+        "record": {"$type": "app.bsky.feed.like", "createdAt": "2024-09-09T19:46:02.102Z",
+                   "subject": {"uri": "at://did:plc:x/app.bsky.feed.post/1", "cid": "bafy"}}}})
+
+
 def wait_until(predicate, timeout: float = 60.0, every: float = 0.05) -> None:
     """Polls until `predicate()` holds; fails the test when the deadline passes."""
     deadline = time.monotonic() + timeout
@@ -130,8 +139,8 @@ HOLD = (*WORKER_HOLD, "--end-wait", "120")
 
 
 TABLES = ("users", "posts", "likes", "reposts", "follows", "blocks", "records", "dead_letters")
-VOLATILE = {"updated_at", "created_at", "refresh_after", "refresh_attempts", "profile_after",
-            "profile_attempts", "id"}
+VOLATILE = {"updated_at", "created_at", "refresh_after", "refresh_attempts", "resolve_error",
+            "profile_after", "profile_attempts", "id"}
 
 
 def digest(dsn: str) -> dict[str, str]:

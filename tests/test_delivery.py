@@ -1,13 +1,17 @@
 """Nothing lost: killed workers, a killed supervisor, killed connections, signals, one run at a time."""
 from __future__ import annotations
 
+import os
 import random
 import re
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
+import orjson
 import psutil
 import pytest
 
@@ -150,3 +154,87 @@ def test_second_run_of_the_same_source_exits_at_once(dsn: str, replay_file: Path
     out, err = first.communicate(timeout=240)
     assert first.returncode == 0, err
     assert f"committed         {EVENTS}" in out
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_to_the_whole_process_group_is_a_clean_stop(
+        dsn: str, replay_file: Path, net: tuple, tmp_path: Path, clean_digest: dict[str, str],
+        signum: signal.Signals) -> None:
+    """What systemd (KillMode=control-group), `timeout`, Ctrl-C and `kill -- -PGID` send."""
+    figures = tmp_path / "summary.json"
+    proc = start_pipeline(*args(dsn, replay_file, net, "--summary-json", str(figures)),
+                          start_new_session=True)
+    wait_until(lambda: rows_committed(dsn) > 20_000)
+    os.killpg(proc.pid, signum)
+    started = time.monotonic()
+    out, err = proc.communicate(timeout=30)
+    assert time.monotonic() - started < 10
+    assert proc.returncode == 0, err
+    assert "restarting" not in err and "exited" not in err, err
+    first = orjson.loads(figures.read_bytes())
+    assert first["restarts"] == 0
+    assert 0 < first["events_read"] < EVENTS
+    assert first["committed"] + first["dead_letters"] == first["events_read"]
+    # every worker's own count of what it committed adds up to the supervisor's: nothing twice
+    assert sum(s["committed"] for s in first["shards"]) == first["committed"]
+    rest = run_pipeline(*args(dsn, replay_file, net))
+    assert rest.returncode == 0, rest.stderr
+    assert f"started at cursor {first['cursor']}" in rest.stdout
+    assert int(re.search(r"events read\s+(\d+)", rest.stdout).group(1)) == \
+        EVENTS - first["events_read"]
+    assert digest(dsn) == clean_digest
+
+
+def test_worker_dying_while_stopping_is_not_restarted(dsn: str, replay_file: Path, net: tuple,
+                                                      gate: tuple[str, int],
+                                                      clean_digest: dict[str, str]) -> None:
+    """A stop waiting on a held author loses its workers: the run ends at once, restarting
+    nobody, and leaves what they had not committed to the next run."""
+    plc, (did, offset) = net[0], gate
+    asked = plc.requests_for(did)  # by the module's earlier runs
+    with held(plc, did):
+        proc = start_pipeline(*args(dsn, replay_file, net, *HOLD), start_new_session=True)
+        err = Lines(proc.stderr)
+        wait_until(lambda: plc.requests_for(did) > asked)  # the stop will wait on that author
+        parent = psutil.Process(proc.pid)
+        before = {w.pid for w in workers(parent)}
+        os.killpg(proc.pid, signal.SIGTERM)
+        wait_until(lambda: err.has("received SIGTERM"))
+        live = workers(parent)  # the group's SIGTERM ended none of them
+        assert {w.pid for w in live} == before and len(before) == 4
+        assert all(w.status() != psutil.STATUS_ZOMBIE for w in live)
+        for w in live:
+            w.kill()
+        proc.wait(timeout=30)
+        out = proc.stdout.read()
+    err.thread.join(timeout=10)
+    assert proc.returncode == 0, err.text()
+    assert "restarting" not in err.text(), err.text()
+    assert err.text().count("exited while stopping (killed by SIGKILL)") == 4, err.text()
+    assert "left to the next run" in err.text()
+    assert re.search(r"worker restarts\s+0;", out)
+    saved = _cursor(dsn)
+    assert 0 < saved <= offset
+    rest = run_pipeline(*args(dsn, replay_file, net))
+    assert rest.returncode == 0, rest.stderr
+    assert f"started at cursor {saved}" in rest.stdout
+    assert digest(dsn) == clean_digest
+
+
+class Lines:
+    """A running process's stderr, read line by line as it comes."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self.thread.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self.lines.append(line)
+
+    def has(self, text: str) -> bool:
+        return any(text in line for line in self.lines)
+
+    def text(self) -> str:
+        return "".join(self.lines)

@@ -15,7 +15,7 @@ import pytest
 
 from shards.identity import AddressRefused, BaseDirectory, DIDNotFound, ResolutionFailed
 from shards.identity import http as http_mod
-from shards.identity.addresses import is_public_address, preferred_address
+from shards.identity.addresses import Trust, address_kind, is_public_address, preferred_address
 from shards.identity.dnsclient import DnsClient, HostNotFound
 from shards.identity.http import HttpFetcher, ResponseTooLarge
 from shards.identity.testing import StubServer, did_document, local_config
@@ -50,18 +50,59 @@ def test_is_public_address(address: str, public: bool) -> None:
     assert is_public_address(address) is public
 
 
+@pytest.mark.parametrize(
+    ("address", "kind"),
+    [("8.8.8.8", "public"), ("127.0.0.2", "loopback"), ("::1", "loopback"),
+     ("10.1.2.3", "private"), ("fc00::1", "private"), ("169.254.169.254", "link-local"),
+     ("fe80::1", "link-local"), ("100.64.0.1", "shared"), ("0.0.0.0", "unspecified"),
+     ("224.0.0.1", "multicast"), ("240.0.0.1", "reserved"), ("::ffff:10.0.0.1", "private"),
+     ("2002:7f00:1::", "loopback"), ("not-an-ip", "invalid")],
+)
+def test_address_kind_names_why_an_address_is_not_public(address: str, kind: str) -> None:
+    assert address_kind(address) == kind
+
+
 def test_preferred_address_is_ipv4_first() -> None:
     assert preferred_address(["::1", "127.0.0.1"]) == "127.0.0.1"
     assert preferred_address(["::1"]) == "::1"
 
 
-def test_private_plc_refused_without_flag(stub: StubServer) -> None:
+def test_operator_named_plc_on_loopback_is_used_without_flag(stub: StubServer) -> None:
     stub.document(did_document(PLC, "alice.test"))
+    stub.route("/moved", status=302, headers={"Location": f"{stub.url}/{PLC}"})
     base = BaseDirectory(local_config(plc_url=stub.url, allow_private_addresses=False))
-    with pytest.raises(AddressRefused):
-        base.resolve_did(PLC)
-    assert stub.connections == 0 and stub.count() == 0
-    assert base.stats()["resolution.plc.refused"] == 1
+    assert base.resolve_did(PLC).handle == "alice.test"
+    assert base.stats()["resolution.plc.ok"] == 1
+    # A redirect that stays on the operator's endpoint is still the operator's.
+    fetcher = HttpFetcher(local_config(allow_private_addresses=False),
+                          DnsClient(local_config()))
+    moved = fetcher.get(f"{stub.url}/moved", max_bytes=MB, trust=Trust.OPERATOR)
+    assert moved.status == 200 and PLC.encode() in moved.body
+    with pytest.raises(AddressRefused):  # the same URL, named by the network's data
+        fetcher.get(f"{stub.url}/{PLC}", max_bytes=MB)
+
+
+@pytest.mark.parametrize("target", ["ip", "name"])
+def test_redirect_from_operator_plc_to_elsewhere_is_vetted(
+    dns: FakeDNS, stub: StubServer, target: str
+) -> None:
+    with StubServer() as inward:
+        inward.document(did_document(PLC, "alice.test"))
+        dns.add_a("inward.test", "127.0.0.1")
+        host = "127.0.0.1" if target == "ip" else "inward.test"
+        moved = f"http://{host}:{inward.port}/{PLC}"
+        stub.route(f"/{PLC}", status=302, headers={"Location": moved})
+        base = BaseDirectory(local_config(dns.address, plc_url=stub.url,
+                                          allow_private_addresses=False))
+        with pytest.raises(AddressRefused, match="loopback address 127.0.0.1"):
+            base.resolve_did(PLC)
+        assert stub.count(f"/{PLC}") == 1
+        assert inward.connections == 0
+        stats = base.stats()
+        assert stats["resolution.plc.refused"] == 1 and stats["refused.loopback"] == 1
+        allowed = BaseDirectory(local_config(dns.address, plc_url=stub.url))
+        assert allowed.resolve_did(PLC).handle == "alice.test"  # the flag lets it through
+        assert inward.connections == 1
 
 
 def test_private_did_web_refused_without_flag(dns: FakeDNS, stub: StubServer) -> None:
@@ -163,7 +204,8 @@ def test_redirect_target_is_vetted_again(
     dns: FakeDNS, stub: StubServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Pretend 127.0.0.1 is public and 127.0.0.2 private: the first hop passes, the second not.
-    monkeypatch.setattr(http_mod, "is_public_address", lambda a: a == "127.0.0.1")
+    monkeypatch.setattr(http_mod, "address_kind",
+                        lambda a: "public" if a == "127.0.0.1" else "private")
     dns.add_a("first.test", "127.0.0.1")
     dns.add_a("second.test", "127.0.0.2")
     stub.route("/.well-known/did.json", status=302,
@@ -315,7 +357,8 @@ def test_rebinding_to_private_address_refused_once_the_ttl_is_over(
     dns: FakeDNS, stub: StubServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Pretend 127.0.0.1 is public and 127.0.0.2 private.
-    monkeypatch.setattr(http_mod, "is_public_address", lambda a: a == "127.0.0.1")
+    monkeypatch.setattr(http_mod, "address_kind",
+                        lambda a: "public" if a == "127.0.0.1" else "private")
     dns.add_a("web.test", "127.0.0.1")
     stub.route("/x", b"ok")
     url = f"http://web.test:{stub.port}/x"

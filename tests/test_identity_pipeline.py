@@ -22,19 +22,22 @@ def test_plc_down_falls_back_fast_then_refresh_completes_everyone(dsn: str, tmp_
         elapsed = time.monotonic() - started
         assert result.returncode == 0, result.stderr
         assert elapsed < 60 < dids * timeout
-        rows = query(dsn, "SELECT did, handle, incomplete FROM users")
+        rows = query(dsn, "SELECT did, handle, incomplete, resolve_error FROM users")
         assert len(rows) == dids
-        assert all(handle == did and incomplete for did, handle, incomplete in rows)
+        assert all(handle == did and incomplete for did, handle, incomplete, _ in rows)
+        # Each says why: the directory refused connections, then its circuit opened.
+        assert {error.split(":")[0] for *_, error in rows} <= {"lookup failed", "circuit open"}
 
         plc.up()
         refresh = run_pipeline("refresh-users", "--dsn", dsn, *identity_args(plc, dns))
         assert refresh.returncode == 0, refresh.stderr
         assert "0 incomplete in all" in refresh.stdout
-    rows = query(dsn, "SELECT did, handle, handle_verified, pds, incomplete FROM users")
-    for did, handle, verified, pds, incomplete in rows:
+    rows = query(dsn, "SELECT did, handle, handle_verified, pds, incomplete, resolve_error"
+                      " FROM users")
+    for did, handle, verified, pds, incomplete, error in rows:
         doc = docs[did]
         assert handle == doc["alsoKnownAs"][0][5:]
-        assert verified and not incomplete
+        assert verified and not incomplete and error is None
         assert pds == doc["service"][0]["serviceEndpoint"]
 
 
@@ -54,7 +57,8 @@ def test_account_and_identity_events(dsn: str, tmp_path: Path) -> None:
         assert query(dsn, "SELECT active, status FROM users WHERE did = %s", (a,)) == [
             (False, "deactivated")]
         # The identity event asks for a fresh resolution: the user is due for the refresher.
-        assert query(dsn, "SELECT incomplete FROM users WHERE did = %s", (b,)) == [(True,)]
+        assert query(dsn, "SELECT incomplete, resolve_error FROM users WHERE did = %s", (b,)) == [
+            (True, "identity event: to be resolved again")]
         refresh = run_pipeline("refresh-users", "--dsn", dsn, *identity_args(*net))
         assert refresh.returncode == 0, refresh.stderr
     assert query(dsn, "SELECT handle, incomplete FROM users WHERE did = %s", (b,)) == [

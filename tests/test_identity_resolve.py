@@ -226,12 +226,18 @@ def test_well_known_host_down_is_failure(dns: FakeDNS, stub: StubServer) -> None
 
 
 def test_private_well_known_host_refused_without_flag(dns: FakeDNS, stub: StubServer) -> None:
+    # The handle's host is the very address and port of the operator's PLC directory: named by
+    # the network's data, it is refused all the same.
     dns.add_a("alice.test", "127.0.0.1")
     stub.route(WELL_KNOWN, ALICE)
+    stub.document(did_document(ALICE, "alice.test"))
     base = directory(dns, stub, allow_private_addresses=False)
-    with pytest.raises(AddressRefused):
+    assert base.resolve_did(ALICE).handle == "alice.test"
+    connections = stub.connections
+    with pytest.raises(AddressRefused) as info:
         base.verify(claimed())
-    assert stub.connections == 0
+    assert info.value.reason == "refused loopback address"
+    assert stub.connections == connections and stub.count(WELL_KNOWN) == 0
     assert base.stats()["resolution.https.refused"] == 1
 
 

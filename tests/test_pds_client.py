@@ -155,7 +155,8 @@ def test_endpoints_must_be_https_origins_unless_private_addresses_are_allowed() 
         with pytest.raises(EndpointRefused):  # plain http
             strict.origin(pds.url)
         private = ask(strict, A, pds.url.replace("http://", "https://"))
-        assert private.result == REFUSED and "non-public" in private.detail
+        assert private.result == REFUSED and "loopback address" in private.detail
+        assert strict.counters.get("refused.loopback") == 1  # in the summary's refused addresses
         assert pds.total_requests == 0
 
 

@@ -11,13 +11,14 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import redis
 
-from pipeline.transport.redis import (GROUP, RedisWorkerLink, SupervisorTransport, lock_key,
-                                      shard_stream)
+from pipeline.transport.redis import (GROUP, RedisShardLink, RedisWorkerLink, ShardLock,
+                                      SupervisorTransport, lock_key, shard_stream)
 from tests.conftest import (HOLD, WORKER_HOLD, database, digest, held, identity_args, query,
                             rows_committed, run_pipeline, start_pipeline, wait_until)
 from tools.generate import write_replay
@@ -241,31 +242,52 @@ def test_redis_connections_killed_midway_lose_nothing(
         stop_worker(w)
 
 
+@contextmanager
+def shard_zero(consumer: str,
+               ttl: float = 15.0) -> Iterator[tuple[RedisShardLink, RedisWorkerLink]]:
+    """The supervisor's link to shard 0, and a worker's link holding the shard's lock (its
+    connections are named `consumer` in CLIENT LIST)."""
+    transport = SupervisorTransport(REDIS_URL, 1, "replay:test", stream_limit=10)
+    client = redis.Redis.from_url(REDIS_URL, client_name=consumer)
+    lock = ShardLock(client, 0, ttl=ttl)
+    assert lock.acquire()
+    worker = RedisWorkerLink(client, 0, 1, lock, consumer=consumer)
+    try:
+        yield transport.link(0), worker
+    finally:
+        worker.close()
+        lock.release()
+        transport.close()
+        client.close()
+
+
 def test_an_entry_finished_while_a_claim_was_on_its_way_is_not_handed_over_again(
         rds: redis.Redis) -> None:
     """After a lost connection the worker claims every pending entry; one it finishes while that
     claim's reply is on its way is still in the reply, and must not be redone (per-DID order)."""
-    transport = SupervisorTransport(REDIS_URL, 1, "replay:test", stream_limit=10)
-    worker = RedisWorkerLink(rds, 0, 1, consumer="only")
-    try:
-        link = transport.link(0)
+    with shard_zero("only") as (link, worker):
         lines = [b'{"did":"did:plc:a%d"}' % i for i in range(3)]
         link.send(("batch", 1, time.monotonic(), range(3), [10, 20, 30], lines))
         wait_until(worker.poll, timeout=10)
         first = worker.recv()
         claims: list[list] = []
-        real_claim = worker.client.xautoclaim
+        real_claim = worker._claim
 
-        def claim_then_finish(*args: object, **kwargs: object) -> list:
-            reply = real_claim(*args, **kwargs)
+        def claim_then_finish(cursor: bytes, count: int) -> tuple | None:
+            reply = real_claim(cursor, count)
             claims.append([entry_id for entry_id, _ in reply[1]])
             if len(claims) == 1:  # the entry is finished here, after Redis answered the claim
                 worker.send(("ack", 0, {first[1]: ([0, 1, 2], [])}))
             return reply
 
-        worker.client.xautoclaim = claim_then_finish  # type: ignore[method-assign]
-        rds.client_kill_filter(_id=next(c["id"] for c in rds.client_list()
-                                        if c["cmd"] == "xreadgroup"))
+        worker._claim = claim_then_finish  # type: ignore[method-assign]
+
+        def waiting() -> str | None:  # the worker's connection, waiting for a new entry
+            return next((c["id"] for c in rds.client_list()
+                         if c["name"] == "only" and c["cmd"] == "xread"), None)
+
+        wait_until(lambda: waiting() is not None, timeout=10)
+        rds.client_kill_filter(_id=waiting())
         wait_until(lambda: bool(claims), timeout=10)
         link.send(("batch", 2, time.monotonic(), range(1), [40], [b'{"did":"did:plc:b"}']))
         wait_until(worker.poll, timeout=10)
@@ -273,9 +295,6 @@ def test_an_entry_finished_while_a_claim_was_on_its_way_is_not_handed_over_again
         assert worker.recv()[5] == [b'{"did":"did:plc:b"}']  # the next batch, not the first again
         wait_until(link.poll, timeout=10)
         assert link.recv() == ("ack", 0, {1: ([0, 1, 2], [])})
-    finally:
-        worker.close()
-        transport.close()
 
 
 def test_a_reclaimed_entry_skips_what_the_dead_worker_committed(rds: redis.Redis) -> None:
@@ -286,16 +305,21 @@ def test_a_reclaimed_entry_skips_what_the_dead_worker_committed(rds: redis.Redis
         lines = [b'{"did":"did:plc:a%d"}' % i for i in range(6)]
         link.send(("batch", 7, time.monotonic(), range(6), [10, 20, 30, 40, 50, 60], lines))
 
-        first = RedisWorkerLink(rds, 0, 1, consumer="first")
+        first_lock = ShardLock(rds, 0)
+        assert first_lock.acquire()
+        first = RedisWorkerLink(rds, 0, 1, first_lock, consumer="first")
         wait_until(first.poll, timeout=10)
         msg = first.recv()
         assert msg[0] == "batch" and list(msg[3]) == list(range(6)) and msg[5] == lines
         first.send(("ack", 0, {msg[1]: ([0, 2], [1])}))
-        first.close()  # dies with the entry half done
+        first.close()  # dies with the entry half done, and its lock expires
+        first_lock.release()
         wait_until(link.poll, timeout=10)
         assert link.recv() == ("ack", 0, {7: ([0, 2], [1])})
 
-        second = RedisWorkerLink(rds, 0, 1, consumer="second")
+        second_lock = ShardLock(rds, 0)
+        assert second_lock.acquire()
+        second = RedisWorkerLink(rds, 0, 1, second_lock, consumer="second")
         wait_until(second.poll, timeout=10)
         msg = second.recv()
         assert (list(msg[3]), msg[4], msg[5]) == ([3, 4, 5], [40, 50, 60], lines[3:])
@@ -307,5 +331,53 @@ def test_a_reclaimed_entry_skips_what_the_dead_worker_committed(rds: redis.Redis
         wait_until(link.poll, timeout=10)
         assert link.recv() == ("ack", 0, {7: ([3, 5], [4])})
         second.close()
+        second_lock.release()
     finally:
         transport.close()
+
+
+def _batch(link: RedisShardLink, batch_id: int, did: str) -> None:
+    line = b'{"did":"%s"}' % did.encode()
+    link.send(("batch", batch_id, time.monotonic(), range(1), [batch_id], [line]))
+
+
+def test_a_worker_takes_nothing_once_the_lock_is_not_its_own(rds: redis.Redis) -> None:
+    """Every read and claim checks the lock in the same script: a worker whose successor holds
+    the lock cannot take an entry the successor's claim at start would not see."""
+    with shard_zero("stale") as (link, worker):
+        rds.set(lock_key(0), b"successor")
+        _batch(link, 1, "did:plc:a")
+        assert worker._read(10) is None
+        assert worker._claim(b"0-0", 10) is None
+        assert worker._sweep(10) is None
+        assert rds.xpending(shard_stream(0), GROUP)["pending"] == 0
+        assert not worker.poll()
+        rds.set(lock_key(0), worker.lock.token)  # the worker's again (its heartbeat took it)
+        wait_until(worker.poll, timeout=10)
+        assert worker.recv()[5] == [b'{"did":"did:plc:a"}']
+
+
+def test_a_running_worker_takes_over_what_a_gone_consumer_left_pending(rds: redis.Redis) -> None:
+    """Not only at start: an entry pending on another consumer for longer than the lease is
+    claimed by the worker holding the lock, so nothing waits forever behind a dead consumer."""
+    with shard_zero("live", ttl=1.0) as (link, worker):
+        for batch_id in (1, 2):  # the worker's queue is full: it reads no more for now
+            _batch(link, batch_id, f"did:plc:a{batch_id}")
+        wait_until(lambda: rds.xpending(shard_stream(0), GROUP)["pending"] == 2, timeout=10)
+        _batch(link, 3, "did:plc:gone")
+        started = time.monotonic()
+        taken = rds.xreadgroup(GROUP, "gone", {shard_stream(0): ">"}, count=1)
+        assert len(taken[0][1]) == 1
+        received: list[list[bytes]] = []
+
+        def take() -> bool:
+            while worker.poll():
+                received.append(worker.recv()[5])
+            return len(received) == 3
+
+        wait_until(take, timeout=15)
+        assert received[2] == [b'{"did":"did:plc:gone"}']
+        assert time.monotonic() - started >= 1.0  # once idle for the lease
+        assert worker.reclaimed == 1
+        consumers = {c["name"]: c["pending"] for c in rds.xinfo_consumers(shard_stream(0), GROUP)}
+        assert consumers == {b"live": 3}  # the gone consumer's name is forgotten too

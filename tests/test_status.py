@@ -9,20 +9,13 @@ import psycopg
 import pytest
 
 from common.routing import shard_for
-from tests.conftest import DATA, fake_network, identity_args, query, run_pipeline
+from shards.store.fence import take_over
+from tests.conftest import DATA, fake_network, identity_args, like, query, run_pipeline
 
 DOCS = json.loads((DATA / "did_docs.json").read_text())
 UNKNOWN_DID = "did:plc:zzzzzzzzzzzzzzzzzzzzzzzz"  # the PLC stub answers 404
 BAD_JSON = b'{"did": "did:plc:zzzzzzzzzzzzzzzzzzzzzzzz", "kind": '
 BAD_KIND = b'{"did": "did:plc:zzzzzzzzzzzzzzzzzzzzzzzz", "kind": "sync"}'
-
-
-def like(did: str, rkey: str) -> bytes:
-    return orjson.dumps({"did": did, "time_us": 1_700_000_000_000_000, "kind": "commit", "commit": {
-        "rev": "3l3qo2vutsw2b", "operation": "create", "collection": "app.bsky.feed.like",
-        "rkey": rkey, "cid": "bafyreidfayvfuwqa7qlnopdjiqrxzs6blmoeu4rujcjtnci5beludirz2a",
-        "record": {"$type": "app.bsky.feed.like", "createdAt": "2024-09-09T19:46:02.102Z",
-                   "subject": {"uri": "at://did:plc:x/app.bsky.feed.post/1", "cid": "bafy"}}}})
 
 
 @pytest.fixture
@@ -51,14 +44,14 @@ def test_status_shows_cursor_dead_letters_incomplete_users_and_shards(dsn: str, 
     assert f"replay:{path}#" in out
     assert f"byte {size} of {size} (100.0%)" in out  # the run read the file to its end
     # New incomplete users are first due for the refresher a minute after their creation.
-    assert "incomplete users  1 (0 due for refresh)" in out
+    assert "incomplete users  1 (0 due for refresh)\n         1  not found\n" in out
     assert "dead letters      2" in out
     assert "       1  invalid JSON" in out and "       1  unknown kind" in out
 
     data = json.loads(run_pipeline("status", "--dsn", dsn, "--shards", "2", "--json").stdout)
     [cursor] = data["cursors"]
     assert cursor["kind"] == "replay" and cursor["cursor"] == size and cursor["percent"] == 100.0
-    assert data["incomplete_users"] == {"total": 1, "due": 0}
+    assert data["incomplete_users"] == {"total": 1, "due": 0, "by_reason": {"not found": 1}}
     assert data["dead_letters"] == {"total": 2, "by_reason": {"invalid JSON": 1, "unknown kind": 1}}
     authors = [orjson.loads(l)["did"] for l in corpus] + [UNKNOWN_DID, UNKNOWN_DID]
     assert [s["users"] for s in data["shards"]] == [
@@ -68,11 +61,25 @@ def test_status_shows_cursor_dead_letters_incomplete_users_and_shards(dsn: str, 
         assert [s[table] for s in data["shards"]] == [owners.count(k) for k in range(2)], table
     assert sum(s["total"] for s in data["shards"]) == 13  # 14 good events, one a delete
     assert sum(s["likes"] for s in data["shards"]) >= 2  # the unknown author's among them
+    assert [s["epoch"] for s in data["shards"]] == [None, None]  # local workers take no epoch
+    assert "epoch" not in out
 
     # The same figures from the environment, as for every other command.
     env = run_pipeline("status", "--json", env={"PIPELINE_DSN": dsn, "PIPELINE_SHARDS": "2"})
     assert env.returncode == 0, env.stderr
     assert json.loads(env.stdout) == data
+
+
+def test_status_shows_the_epoch_of_each_shard_a_redis_worker_took_over(dsn: str, ran) -> None:
+    with psycopg.connect(dsn) as conn:
+        for holder in ("host-a:1:x", "host-b:2:y"):
+            take_over(conn, 1, holder)
+    out = run_pipeline("status", "--dsn", dsn, "--shards", "2").stdout
+    table = out.split("per shard", 1)[1].splitlines()
+    assert table[1].split()[-1] == "epoch"
+    assert [line.split()[-1] for line in table[3:5]] == ["-", "2"]
+    data = json.loads(run_pipeline("status", "--dsn", dsn, "--shards", "2", "--json").stdout)
+    assert [s["epoch"] for s in data["shards"]] == [None, 2]
 
 
 def test_status_of_a_jetstream_cursor_and_a_vanished_file(dsn: str, ran) -> None:

@@ -1,6 +1,7 @@
 """shards.users: DIDs that hang give their resolution slot up, so they delay only themselves."""
 from __future__ import annotations
 
+import threading
 import time
 
 from shards.identity import IdentityConfig, build_directory
@@ -42,3 +43,39 @@ def test_hanging_dids_do_not_hold_the_slots_of_the_rest() -> None:
         assert user.fallback and after >= timeout
     assert creations.slow >= len(hanging)
     assert creations.active == 0
+
+
+def test_each_incomplete_user_says_why() -> None:
+    from shards.identity import AddressRefused, Identity, ResolutionFailed
+    from shards.identity.mock import MockDirectory
+    from shards.users import TIMED_OUT
+
+    ok, inward, down, slow = (f"did:plc:{c * 24}" for c in "aijk")
+    directory = MockDirectory([Identity(ok, "ok.test"), Identity(inward, "inward.test"),
+                               Identity(slow, "slow.test")])
+    directory.verify_errors["inward.test"] = AddressRefused("inward.test", "10.0.0.1", "private")
+    directory.errors[down] = ResolutionFailed("GET http://plc.test/x: timed out")
+    directory.gate = threading.Event()
+    creations = UserCreations(directory, 4, 60.0, None, lambda _ident: None)
+    now = time.monotonic()
+    for did in (ok, inward, down):
+        creations.begin(did, now)
+    creations.begin(slow, now - 60.0)  # its deadline is over before it gets an answer
+    settled = {p.did: u for p, u in creations.settle_due(time.monotonic())}
+    assert settled[slow].error == TIMED_OUT and settled[slow].fallback
+    directory.gate.set()
+
+    def all_settled() -> bool:
+        settled.update({p.did: u for p, u in creations.settle_due(time.monotonic())})
+        return len(settled) == 4
+
+    wait_until(all_settled)
+    assert settled[ok].error is None and not settled[ok].incomplete
+    assert settled[inward].handle == "inward.test" and settled[inward].incomplete
+    assert settled[inward].refused
+    assert settled[inward].error == ("refused private address: inward.test resolves to private"
+                                     " address 10.0.0.1 (allowed only with"
+                                     " --allow-private-addresses)")
+    assert settled[down].fallback and not settled[down].refused
+    assert settled[down].error == "lookup failed: GET http://plc.test/x: timed out"
+    assert settled[ok].row()[-1] is None and settled[down].row()[-1] == settled[down].error

@@ -25,7 +25,7 @@ def _like(rkey: str, subject: str, n: int) -> bytes:
 def _changes(*lines: bytes, user: bool = False) -> Changes:
     changes = Changes()
     if user:
-        changes.users.append((DID, "w.test", False, True, None))
+        changes.users.append((DID, "w.test", False, True, None, None))
     for i, raw in enumerate(lines):
         changes.add(decode(raw, 0, i, i))
     return changes

@@ -68,6 +68,7 @@ class FakePLC(LoopStub):
         self.behaviour = Behaviour(profile, latency, slow_fraction, slow_seconds, seed,
                                    set(hang_dids))
         self._responses: dict[str, _Cached] = {}
+        self._redirects: dict[str, bytes] = {}
 
     def start(self, listen: bool = True) -> FakePLC:
         """Starts listening, unless the profile is `down` (then only the port is chosen)."""
@@ -102,8 +103,15 @@ class FakePLC(LoopStub):
             delay = random.uniform(*b.latency)
         return Reply(self._response_for(did), delay)
 
+    def redirect(self, did: str, location: str) -> None:
+        """Answers `did` with a 302 to `location` from now on, as a directory that moved might."""
+        self._redirects[did] = http_response(302, b"{}", headers={"Location": location})
+
     def _response_for(self, did: str) -> bytes:
         """The response bytes for `did`, built once per document (a replaced document is rebuilt)."""
+        moved = self._redirects.get(did)
+        if moved is not None:
+            return moved
         doc = self.docs.get(did)
         if doc is None:
             return http_response(404, orjson.dumps({"message": f"DID not registered: {did}"}))

@@ -2,7 +2,9 @@
 
 Same seed, same bytes: benchmarks and tests can replay millions of realistic events
 (likes, posts, reposts, follows, blocks, profiles, deletes, other collections, identity and
-account events) from a Zipf-skewed set of authors, and serve matching DID documents.
+account events) from a Zipf-skewed set of authors, and serve matching DID documents. The same
+events also come as signed firehose frames (`write_frames`), each author signing with the
+secp256k1 key its document publishes.
 """
 from __future__ import annotations
 
@@ -45,7 +47,6 @@ MAX_DELETABLE = 16  # per author; bounds memory on long runs
 
 _S32 = "234567abcdefghijklmnopqrstuvwxyz"  # base32-sortable alphabet of TIDs
 _PAIRS = [a + b for a in _S32 for b in _S32]
-_B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 _B32 = "abcdefghijklmnopqrstuvwxyz234567"  # RFC 4648 base32, lower case, as CIDs use
 _B32_PAIRS = [a + b for a in _B32 for b in _B32]
 _CID_SHIFTS = range(250, -1, -10)
@@ -92,12 +93,11 @@ def _plc(material: bytes) -> str:
     return "did:plc:" + base64.b32encode(hashlib.sha256(material).digest()[:15]).decode().lower()
 
 
-def _b58(data: bytes) -> str:
-    n, out = int.from_bytes(data, "big"), ""
-    while n:
-        n, r = divmod(n, 58)
-        out = _B58[r] + out
-    return "1" * (len(data) - len(data.lstrip(b"\0"))) + out
+def author_key(did: str, seed: int = 0) -> Any:
+    """The secp256k1 key a generated author signs its commits with."""
+    from tools.signed_frames import private_key
+
+    return private_key(f"{seed}:{did}")
 
 
 def pds_host(did: str) -> str:
@@ -112,10 +112,10 @@ def did_documents(n_dids: int, seed: int = 0,
 
     With `pds_port`, each `#atproto_pds` is `http://{host}:{pds_port}` (a PDS stub that DNS
     points the hosts at) instead of `https://{host}`."""
+    from tools.signed_frames import multibase
+
     docs: dict[str, dict[str, Any]] = {}
     for i, did in enumerate(did_list(n_dids, seed)):
-        h = hashlib.sha256(f"doc:{did}".encode()).digest()
-        key = bytes([2 + (h[0] & 1)]) + hashlib.sha256(h).digest()  # compressed secp256k1 shape
         host = pds_host(did)
         endpoint = f"https://{host}" if pds_port is None else f"http://{host}:{pds_port}"
         docs[did] = {
@@ -130,7 +130,7 @@ def did_documents(n_dids: int, seed: int = 0,
                 "id": f"{did}#atproto",
                 "type": "Multikey",
                 "controller": did,
-                "publicKeyMultibase": "z" + _b58(b"\xe7\x01" + key),
+                "publicKeyMultibase": multibase(author_key(did, seed)),
             }],
             "service": [{
                 "id": "#atproto_pds",
@@ -379,6 +379,37 @@ def write_replay(path: str | Path, n_events: int, n_dids: int, seed: int = 0) ->
             data = b"\n".join(chunk) + b"\n"
             out.write(data)
             written += len(data)
+    return written
+
+
+def _frame(event: dict[str, Any], seq: int, keys: dict[str, Any], seed: int) -> bytes:
+    """The firehose frame of one generated Jetstream event."""
+    from tools.signed_frames import commit_frame, frame
+
+    did, us = event["did"], event["time_us"]
+    time_ = datetime.fromtimestamp(us / 1e6, timezone.utc).isoformat(timespec="milliseconds")
+    time_ = time_.replace("+00:00", "Z")
+    if event["kind"] == "commit":
+        c = event["commit"]
+        key = keys.get(did)
+        if key is None:
+            key = keys[did] = author_key(did, seed)
+        return commit_frame(key, did, c["rev"], seq, time_,
+                            [(c["operation"], f"{c['collection']}/{c['rkey']}", c.get("record"))])
+    body = {**event[event["kind"]], "seq": seq, "time": time_}
+    return frame(f"#{event['kind']}", body)
+
+
+def write_frames(path: str | Path, n_events: int, n_dids: int, seed: int = 0) -> int:
+    """Writes the events of `write_replay` as a firehose recording of signed frames
+    (`[u32 LE length][frame]`, uncompressed); returns the bytes written."""
+    keys: dict[str, Any] = {}
+    written = 0
+    with open(path, "wb") as out:
+        for seq, line in enumerate(generate_events(n_events, n_dids, seed), START_SEQ):
+            data = _frame(orjson.loads(line), seq, keys, seed)
+            out.write(len(data).to_bytes(4, "little") + data)
+            written += 4 + len(data)
     return written
 
 

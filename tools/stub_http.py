@@ -20,9 +20,9 @@ from urllib.parse import unquote
 import orjson
 
 MAX_HEAD = 64 * 1024  # a request head larger than this is refused (400)
-REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 429: "Too Many Requests",
-           500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
-           503: "Service Unavailable"}
+REASONS = {200: "OK", 302: "Found", 400: "Bad Request", 404: "Not Found",
+           429: "Too Many Requests", 500: "Internal Server Error", 501: "Not Implemented",
+           502: "Bad Gateway", 503: "Service Unavailable"}
 
 
 def http_response(status: int, body: bytes, *, close: bool = False,

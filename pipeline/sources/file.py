@@ -1,16 +1,19 @@
-"""A recorded Jetstream file (`.jsonl`, `.jsonl.gz`, or `-` for stdin); positions are byte offsets."""
+"""A recorded Jetstream file (`.jsonl`, `.jsonl.gz`, `.jsonl.zst`, or `-` for stdin); positions
+are byte offsets of the uncompressed stream."""
 from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import os
 import sys
 import threading
 from collections.abc import Iterator
 from typing import BinaryIO
 
+import zstandard
+
 from pipeline.sources.base import SourceError
+from pipeline.sources.streams import compression, open_stream, skip
 from shards.events import MAX_LINE_BYTES
 
 _FINGERPRINT_BYTES = 64 * 1024
@@ -18,6 +21,8 @@ _FINGERPRINT_BYTES = 64 * 1024
 
 class FileSource:
     """Replays a file line by line; resumes from a byte offset of the uncompressed stream."""
+
+    format = "jetstream"
 
     def __init__(self, path: str) -> None:
         self._closed = threading.Event()
@@ -40,7 +45,7 @@ class FileSource:
             raise SourceError(f"is a directory, not a file: {path}") from None
         except OSError as exc:
             raise SourceError(f"cannot read {path}: {exc.strerror}") from None
-        self._gzip = head[:2] == b"\x1f\x8b"
+        self._compression = compression(head)
         digest = hashlib.sha256(head).hexdigest()[:16]
         self.name = f"replay:{self.path}#{digest}"
         self.resumable = True
@@ -49,17 +54,14 @@ class FileSource:
         if self.path == "-":
             return sys.stdin.buffer
         self._raw = open(self.path, "rb")
-        if self._gzip:
-            return gzip.GzipFile(fileobj=self._raw, mode="rb")  # type: ignore[return-value]
-        return io.BufferedReader(self._raw, buffer_size=1 << 20)  # type: ignore[arg-type]
+        return open_stream(self._raw, self._compression)
 
     def events(self, cursor: int | None) -> Iterator[tuple[int, bytes]]:
         f = self._open()
         try:
             pos = 0
             if cursor and self.resumable:
-                f.seek(cursor)
-                pos = cursor
+                pos = skip(f, cursor)
             self._next = pos
             readline = f.readline
             while not self._closed.is_set():
@@ -78,7 +80,7 @@ class FileSource:
                 line = line.rstrip(b"\r\n")
                 if line.strip():
                     yield start, line
-        except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        except (OSError, EOFError, gzip.BadGzipFile, zstandard.ZstdError) as exc:
             raise SourceError(f"cannot read {self.path}: {exc}") from None
         finally:
             if f is not sys.stdin.buffer:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import re
 import threading
 import time
@@ -26,23 +25,20 @@ from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 
 import orjson
-from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
+from websockets.exceptions import InvalidStatus, WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
 from pipeline.sources.base import SourceError
+from pipeline.sources.reconnect import FATAL_HTTP, backoff, describe, receive
 
 __all__ = ["ConnectionStats", "JetstreamSource", "DEFAULT_MAX_MESSAGE_BYTES"]
 
 log = logging.getLogger("pipeline.jetstream")
 
 DEFAULT_MAX_MESSAGE_BYTES = 2 * 1024 * 1024
-_POLL_SECONDS = 0.2
-"""Longest recv() blocks before looking at close(): bounds how late close() is noticed."""
 _MAX_COLLECTIONS = 100
 """Jetstream refuses more wantedCollections than this."""
 _NSID = re.compile(r"^[A-Za-z][A-Za-z0-9-]*(\.[A-Za-z0-9-]+)+(\.\*)?$|^[A-Za-z][A-Za-z0-9-]*\.\*$")
-_FATAL_HTTP = frozenset({400, 401, 403, 404, 405, 410})
-"""Handshake answers that mean a wrong URL or parameters, not an outage."""
 
 
 @dataclass
@@ -65,6 +61,7 @@ class JetstreamSource:
     on reaching `stop_at_time_us`, or with SourceError when the server rejects the URL itself
     (HTTP 4xx on the first handshake). Everything else is retried forever with backoff."""
 
+    format = "jetstream"
     resumable = True
 
     def __init__(
@@ -150,7 +147,7 @@ class JetstreamSource:
             # A connection that moved the position forward was healthy: start backoff afresh.
             attempt = 1 if self._position > start else attempt + 1
             resume = self._resume_cursor()
-            delay = self._backoff(attempt)
+            delay = backoff(attempt, self._initial_backoff, self._max_backoff)
             self.stats.failures += 1
             self.stats.last_error = reason
             log.warning("%s: %s; reconnecting in %.2f s from cursor %s (attempt %d)",
@@ -171,23 +168,18 @@ class JetstreamSource:
                 ws = stack.enter_context(self._connect(resume))
             except (OSError, WebSocketException) as exc:
                 self._raise_if_fatal(exc)
-                return f"connect failed: {_describe(exc)}"
+                return f"connect failed: {describe(exc)}"
             self.stats.connects += 1
             self._ever_connected = True
             last_message = time.monotonic()
             while not self._stop.is_set():
-                try:
-                    raw = ws.recv(timeout=_POLL_SECONDS, decode=False)
-                except TimeoutError:
-                    if time.monotonic() - last_message >= self._read_timeout:
-                        return f"no message for {self._read_timeout:g} s"
-                    yield None  # idle: the reader hands on what it holds
+                raw = receive(ws, last_message, self._read_timeout)
+                if raw is None:
+                    yield None
                     continue
-                except ConnectionClosed as exc:
-                    return f"connection closed: {exc}"
+                if isinstance(raw, str):
+                    return raw
                 last_message = time.monotonic()
-                if isinstance(raw, str):  # only if a websockets version ignores decode=False
-                    raw = raw.encode()
                 time_us = _time_us(raw)
                 if time_us is not None and time_us > self._position:
                     self._position = time_us
@@ -223,16 +215,11 @@ class JetstreamSource:
         base = self._position or self._tail_started_us
         return None if not base else max(1, base - self._rewind_us)
 
-    def _backoff(self, attempt: int) -> float:
-        """Exponential from initial_backoff, capped at max_backoff, with 50-100% jitter."""
-        base = min(self._max_backoff, self._initial_backoff * 2 ** min(attempt - 1, 30))
-        return base * random.uniform(0.5, 1.0)
-
     def _raise_if_fatal(self, exc: BaseException) -> None:
         """A 4xx on the very first handshake is a wrong URL or parameter: tell the user."""
         if isinstance(exc, InvalidStatus) and not self._ever_connected:
             status = exc.response.status_code
-            if status in _FATAL_HTTP:
+            if status in FATAL_HTTP:
                 raise SourceError(
                     f"{self.name}: server answered HTTP {status} to the websocket handshake;"
                     f" check the URL (usually ending in /subscribe) and the collections"
@@ -246,11 +233,6 @@ def _time_us(raw: bytes) -> int | None:
     except (orjson.JSONDecodeError, AttributeError):
         return None
     return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _check_url(url: str) -> tuple[str, str]:

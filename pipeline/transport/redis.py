@@ -7,7 +7,8 @@ Keys (all in the database of the URL):
                             dead-lettered, so XLEN is the shard's backlog (the backpressure figure)
   pipeline:shard:<k>:done   hash: entry id -> which events of a partly committed entry are durable,
                             so a worker that reclaims the entry skips them (per-DID order holds)
-  pipeline:shard:<k>:lock   the one live worker of shard k (SET NX PX, renewed by a heartbeat)
+  pipeline:shard:<k>:lock   the one live worker of shard k (SET NX PX, renewed by a heartbeat);
+                            a worker reads and claims entries only in scripts that check it
   pipeline:acks:<run>       acknowledgements and stats of one supervisor run, read by it
   pipeline:sent:<run>:<k>   the last batch id that run appended to shard k (retries append once)
 
@@ -46,6 +47,7 @@ DEFAULT_LOCK_TTL = 15.0
 WORKER_QUEUE = 2  # batches read from Redis and not yet taken by the worker
 WORKER_MAX_OPEN = 64  # batches taken and not yet fully committed (like local --max-retained)
 BLOCK_MS = 1000
+NOT_HOLDER_WAIT = 0.2  # while the lock is not ours, how often reading looks again
 STATS_WITH_ACKS = 0.5  # a worker's figures ride along with its acks at most this often
 _GAUGES = {"shard", "active_user_creations", "pending_user_creations",
            "peak_active_user_creations", "peak_pending_user_creations", "refresher_backlog"}
@@ -448,18 +450,54 @@ class _Open:
     remaining: int
 
 
+_READS = {
+    # KEYS: lock, stream; ARGV: token, group, consumer, then the command's own.
+    "claim": """
+if redis.call('get', KEYS[1]) ~= ARGV[1] then return {0} end
+return {1, redis.call('xautoclaim', KEYS[2], ARGV[2], ARGV[3], 0, ARGV[4], 'COUNT', ARGV[5])}
+""",
+    "sweep": """
+if redis.call('get', KEYS[1]) ~= ARGV[1] then return {0} end
+local ids = {}
+for _, p in ipairs(redis.call('xpending', KEYS[2], ARGV[2], 'IDLE', ARGV[4], '-', '+', 10000)) do
+  if p[2] ~= ARGV[3] and #ids < tonumber(ARGV[5]) then ids[#ids + 1] = p[1] end
+end
+if #ids == 0 then return {1, {}} end
+return {1, redis.call('xclaim', KEYS[2], ARGV[2], ARGV[3], ARGV[4], unpack(ids))}
+""",
+    "read": """
+if redis.call('get', KEYS[1]) ~= ARGV[1] then return {0} end
+local got = redis.call('xreadgroup', 'GROUP', ARGV[2], ARGV[3], 'COUNT', ARGV[4],
+                       'STREAMS', KEYS[2], '>')
+if got then return {1, {1, got[1][2]}} end
+local last = redis.call('xrevrange', KEYS[2], '+', '-', 'COUNT', 1)
+return {1, {2, last[1] and last[1][1] or '0-0'}}
+""",
+}
+
+
+def _fields(entries: list[Any]) -> list[tuple[bytes, dict[bytes, bytes] | None]]:
+    """[id, [field, value, ...]] entries of a script's reply as (id, fields); an entry deleted
+    while pending (nil from Redis 6.2) is left out."""
+    return [(entry[0], dict(zip(entry[1][::2], entry[1][1::2]))) for entry in entries if entry]
+
+
 class RedisWorkerLink(_Inbox):
     """Worker side of one shard: recv() gives batches from the consumer group (first the entries
     a dead worker left pending, then new ones), send() publishes acknowledgements and XACKs and
-    XDELs each entry once all its events are durable."""
+    XDELs each entry once all its events are durable. It reads only while it holds `lock`."""
 
-    def __init__(self, client: redis.Redis, shard: int, shards: int, consumer: str | None = None,
-                 on_source: Callable[[str], None] | None = None,
+    def __init__(self, client: redis.Redis, shard: int, shards: int, lock: ShardLock,
+                 consumer: str | None = None, on_source: Callable[[str], None] | None = None,
                  max_open: int = WORKER_MAX_OPEN) -> None:
         super().__init__()
         self.client = client
         self.shard = shard
         self.shards = shards
+        self.lock = lock
+        self.lease = lock.ttl_ms / 1000
+        self._lock_held = True
+        self._scripts = {name: client.register_script(src) for name, src in _READS.items()}
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.on_source = on_source
         self.max_open = max_open
@@ -604,7 +642,8 @@ class RedisWorkerLink(_Inbox):
     # -- reading entries --
 
     def _fetch(self) -> None:
-        claiming, cursor, attempt, group = True, b"0-0", 0, False
+        claiming, cursor, attempt, group, holder = True, b"0-0", 0, False, True
+        next_sweep = time.monotonic() + self.lease
         while not self._stop_fetching.is_set():
             with self._cond:
                 while not self._stop_fetching.is_set() and not (
@@ -624,20 +663,39 @@ class RedisWorkerLink(_Inbox):
                     # claim: one finished while the claim was on its way is pending in its reply.
                     with self._cond:
                         mine = {o.entry_id for o in self.open.values()}
-                    reply = self.client.xautoclaim(self.stream, GROUP, self.consumer, 0, cursor,
-                                                   count=room)
-                    self._deliver(reply[1], reclaimed=True, skip=mine)
-                    cursor = reply[0]
-                    if cursor in (b"0-0", "0-0"):
-                        claiming = False
-                        if self.reclaimed:
-                            log.info("shard %d: took over %d pending entries", self.shard,
-                                     self.reclaimed)
+                    claimed = self._claim(cursor, room)
+                    if claimed is not None:
+                        cursor, entries = claimed
+                        self._deliver(entries, reclaimed=True, skip=mine)
+                        if cursor in (b"0-0", "0-0"):
+                            claiming = False
+                            if self.reclaimed:
+                                log.info("shard %d: took over %d pending entries", self.shard,
+                                         self.reclaimed)
+                            self._forget_idle_consumers()
+                elif time.monotonic() >= next_sweep:
+                    swept = self._sweep(room)
+                    next_sweep = time.monotonic() + self.lease
+                    if swept:
+                        before = self.reclaimed
+                        self._deliver(swept, reclaimed=True)
+                        log.warning("shard %d: took over %d entries left pending for over %.0fs "
+                                    "by a consumer that is gone", self.shard,
+                                    self.reclaimed - before, self.lease)
                         self._forget_idle_consumers()
                 else:
-                    reply = self.client.xreadgroup(GROUP, self.consumer, {self.stream: ">"},
-                                                   count=room, block=BLOCK_MS)
-                    self._deliver(_entries(reply), reclaimed=False)
+                    got = self._read(room)
+                    if isinstance(got, list):
+                        self._deliver(got, reclaimed=False)
+                    elif got is not None:  # nothing new: wait for an entry after the last one
+                        self.client.xread({self.stream: got}, count=1, block=BLOCK_MS)
+                if not self._lock_held:
+                    if holder:
+                        log.warning("shard %d: %s is not this worker's; reading waits until its "
+                                    "heartbeat takes it back", self.shard, self.lock.key)
+                    claiming, cursor = True, b"0-0"  # once it is ours again, claim first
+                    self._stop_fetching.wait(NOT_HOLDER_WAIT)
+                holder = self._lock_held
                 attempt = 0
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 delay = min(0.2 * 2**attempt, 5.0)
@@ -652,6 +710,34 @@ class RedisWorkerLink(_Inbox):
                     continue
                 log.error("redis: reading %s failed: %s", self.stream, exc)
                 self._stop_fetching.wait(1.0)
+
+    # Every read and claim is a script that first checks that this worker holds the shard's lock:
+    # a worker that outlived its lease (paused, cut off) takes nothing more once a successor holds
+    # the lock, so the successor's claim at start is the last word on what was pending.
+
+    def _call(self, script: Any, *args: Any) -> Any:
+        """Runs a read script; None (and `_lock_held` false) when the lock is not ours."""
+        reply = script(keys=[self.lock.key, self.stream],
+                       args=[self.lock.token, GROUP, self.consumer, *args])
+        self._lock_held = bool(reply[0])
+        return reply[1] if self._lock_held else None
+
+    def _claim(self, cursor: bytes, count: int) -> tuple[bytes, list[Any]] | None:
+        """XAUTOCLAIM of every pending entry, from `cursor`: (next cursor, entries)."""
+        reply = self._call(self._scripts["claim"], cursor, count)
+        return None if reply is None else (reply[0], _fields(reply[1]))
+
+    def _sweep(self, count: int) -> list[Any] | None:
+        """Entries pending on another consumer for longer than the lease, claimed, oldest first."""
+        reply = self._call(self._scripts["sweep"], int(self.lease * 1000), count)
+        return None if reply is None else _fields(reply)
+
+    def _read(self, count: int) -> list[Any] | bytes | None:
+        """New entries; when there are none, the id of the stream's last entry to wait after."""
+        reply = self._call(self._scripts["read"], count)
+        if reply is None:
+            return None
+        return _fields(reply[1]) if reply[0] == 1 else reply[1]
 
     def _deliver(self, entries: list[tuple[bytes, dict[bytes, bytes] | None]],
                  reclaimed: bool, skip: Collection[bytes] = ()) -> None:

@@ -1,9 +1,24 @@
-"""Which IP addresses a resolver may connect to: public unicast only, so DIDs cannot aim us inward."""
+"""Which IP addresses a resolver may connect to, and who named them.
+
+Endpoints the operator names (--plc-url, --dns-server) are used as given; hosts that come from
+the network's data (handles, did:web hosts, PDS endpoints, redirects) may only be public unicast
+addresses unless --allow-private-addresses, so DIDs cannot aim the pipeline inward."""
 from __future__ import annotations
 
+import enum
 import ipaddress
 
 _Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+_SHARED = ipaddress.IPv4Network("100.64.0.0/10")  # carrier-grade NAT: neither private nor global
+
+PUBLIC = "public"
+
+
+class Trust(enum.Enum):
+    """Who named a destination, which decides whether its addresses are vetted."""
+
+    OPERATOR = "operator"  # on the command line or in the environment: used as given
+    NETWORK = "network"  # in the network's data, or a redirect: public addresses only
 
 
 def _embedded_v4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
@@ -17,22 +32,31 @@ def _embedded_v4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     return None
 
 
-def _public(ip: _Address) -> bool:
-    return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_unspecified)
+def _kind(ip: _Address) -> str:
+    checks = (("unspecified", ip.is_unspecified), ("loopback", ip.is_loopback),
+              ("link-local", ip.is_link_local), ("multicast", ip.is_multicast),
+              ("shared", ip in _SHARED), ("reserved", ip.is_reserved),
+              ("private", ip.is_private or not ip.is_global))
+    return next((name for name, hit in checks if hit), PUBLIC)
 
 
-def is_public_address(address: str) -> bool:
-    """True for globally routable unicast addresses; False for loopback, private, link-local,
-    CGNAT, multicast, reserved and documentation ranges (and IPv6 forms embedding them)."""
+def address_kind(address: str) -> str:
+    """"public" for globally routable unicast addresses, else what the address is: loopback,
+    private, link-local, shared (CGNAT), multicast, reserved, unspecified or invalid."""
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
-        return False
+        return "invalid"
     if isinstance(ip, ipaddress.IPv6Address):
         inner = _embedded_v4(ip)
-        if inner is not None and not _public(inner):
-            return False
-    return _public(ip)
+        if inner is not None and _kind(inner) != PUBLIC:
+            return _kind(inner)
+    return _kind(ip)
+
+
+def is_public_address(address: str) -> bool:
+    """True for globally routable unicast addresses (and IPv6 forms embedding only such)."""
+    return address_kind(address) == PUBLIC
 
 
 def preferred_address(addresses: list[str]) -> str:

@@ -29,6 +29,8 @@ T = TypeVar("T")
 class CircuitOpen(ResolutionFailed):
     """Failing fast: the upstream failed repeatedly and is cooling down (never cached)."""
 
+    reason = "circuit open"
+
 
 @dataclass
 class _Circuit:

@@ -93,6 +93,16 @@ class CacheDirectory:
         result: Identity = self._lookup(("did", did), lambda: self.inner.resolve_did(did))
         return result
 
+    def cached(self, did: str) -> Identity | None:
+        """The DID's identity if the cache holds a fresh answer; never asks upstream."""
+        with self._lock:
+            entry = self._entries.get(("did", did))
+            if entry is None or entry.error is not None or entry.expires <= self._clock():
+                return None
+            self._entries.move_to_end(("did", did))
+            self.counters.inc("cache.hit")
+            return entry.value  # type: ignore[no-any-return]
+
     def verify(self, ident: Identity) -> Identity:
         """Caches whether (did, handle) points back; the answer is applied to the given identity."""
         handle = ident.handle.lower()

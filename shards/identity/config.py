@@ -15,7 +15,9 @@ class IdentityConfig:
     # "HOST[:PORT]" ("[v6]:PORT" for IPv6) of the DNS server for TXT and address lookups;
     # None: /etc/resolv.conf for TXT, the system resolver (getaddrinfo) for addresses.
     dns_server: str | None = None
-    # Off in production: refuse upstreams resolving to loopback, private, link-local, reserved.
+    # Off in production: hosts named by the network's data (handles, did:web hosts, PDS
+    # endpoints, redirects) resolving to loopback, private, link-local, reserved... addresses
+    # are refused. The operator's own plc_url and dns_server are used as given either way.
     allow_private_addresses: bool = False
     connect_timeout: float = 3.0
     read_timeout: float = 5.0  # per socket read

@@ -28,11 +28,15 @@ class Identity:
 
 
 class IdentityError(Exception):
-    """Base of every resolution error."""
+    """Base of every resolution error; `reason` names its kind where a user's row keeps it."""
+
+    reason = "lookup failed"
 
 
 class DIDNotFound(IdentityError):
     """The DID does not exist upstream (HTTP 404/410): a final answer, cached briefly."""
+
+    reason = "not found"
 
 
 class ResolutionFailed(IdentityError):
@@ -49,9 +53,25 @@ class ResolutionFailed(IdentityError):
 class DIDMismatch(ResolutionFailed):
     """The document's `id` is not the DID that was asked for."""
 
+    reason = "DID mismatch"
+
 
 class AddressRefused(ResolutionFailed):
-    """The upstream host resolves to a private, loopback or link-local address."""
+    """A host named by the network's data resolves to a private, loopback, link-local... address.
+
+    `kind` is what the refused address is (see addresses.address_kind)."""
+
+    def __init__(self, host: str, address: str, kind: str) -> None:
+        super().__init__(f"{host} resolves to {kind} address {address}"
+                         " (allowed only with --allow-private-addresses)")
+        self.host, self.address, self.kind = host, address, kind
+        self.reason = f"refused {kind} address"
+
+
+def failure_reason(exc: BaseException) -> str:
+    """"reason: detail" of a failed resolution, as `users.resolve_error` keeps it."""
+    reason = exc.reason if isinstance(exc, IdentityError) else "error"
+    return f"{reason}: {exc}"[:500]
 
 
 class Directory(Protocol):

@@ -303,6 +303,10 @@ class DnsClient:
                 servers = self._servers
         return servers
 
+    def servers(self) -> tuple[str, ...]:
+        """The addresses of the servers asked. Raises ResolutionFailed when there is none."""
+        return self._get_servers().addresses
+
     def _make_servers(self) -> _Servers:
         cfg = self._config
         try:

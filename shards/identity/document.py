@@ -7,6 +7,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from ..syntax import is_handle
+from .addresses import Trust
 from .directory import (
     INVALID_HANDLE,
     AddressRefused,
@@ -71,17 +72,19 @@ def fetch_identity(
     *,
     missing_host_is_not_found: bool,
     upstream: str | None = None,
+    trust: Trust = Trust.NETWORK,
 ) -> Identity:
     """GETs and parses one DID document, counting the outcome under `method`.
 
     404/410 (and NXDOMAIN when `missing_host_is_not_found`) raise DIDNotFound; everything else
     that is not a matching document raises ResolutionFailed or one of its subclasses.
-    `upstream` is the URL's host[:port] (lowercase), when the caller knows it already."""
+    `upstream` is the URL's host[:port] (lowercase), when the caller knows it already; `trust`
+    who named the URL (see HttpFetcher.get)."""
     upstream = upstream or urlsplit(url).netloc.lower()
     try:
-        fetched = http.get(url, max_bytes=max_bytes, accept=DID_ACCEPT)
-    except AddressRefused:
-        counters.resolution(method, "refused")
+        fetched = http.get(url, max_bytes=max_bytes, accept=DID_ACCEPT, trust=trust)
+    except AddressRefused as exc:
+        counters.refused(method, exc.kind)
         raise
     except HostNotFound as exc:
         if missing_host_is_not_found:

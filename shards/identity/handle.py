@@ -74,7 +74,7 @@ class HandleVerifier:
         try:
             found = self.lookup_https(handle)
         except AddressRefused as exc:
-            self._counters.resolution("https", "refused")
+            self._counters.refused("https", exc.kind)
             raise dns_error or exc
         except ResolutionFailed as exc:
             self._counters.resolution("https", "failed")

@@ -1,9 +1,12 @@
-"""Guarded HTTP GETs for identity documents: vetted and pinned addresses, size caps, timeouts.
+"""Guarded HTTP GETs for identity documents and PDS answers: vetted and pinned addresses, size
+caps, timeouts.
 
-Every fetch connects to an address it vetted itself (public only, unless allowed), keeping
-the name in the Host header, TLS SNI and certificate check; so a DNS answer that changes
-between check and connect (rebinding) cannot aim it inward. A vetted address is reused for
-its DNS TTL (at most `address_ttl`), then looked up and vetted again.
+Every fetch connects to an address it looked up itself, keeping the name in the Host header,
+TLS SNI and certificate check; so a DNS answer that changes between check and connect
+(rebinding) cannot aim it inward. Each request says who named its destination: the operator's
+own endpoints (Trust.OPERATOR) are used as given, anything else, and any redirect away from an
+operator's endpoint, is vetted (public only, unless allowed). An address is reused for its DNS
+TTL (at most `address_ttl`), then looked up and vetted again.
 
 A fetch is a GET of a small document over a keep-alive socket kept per pinned address: the
 request is two header lines and a target checked for anything that could split it, and the
@@ -26,7 +29,7 @@ from urllib.parse import urljoin, urlsplit
 import certifi
 import httptools
 
-from .addresses import is_public_address, preferred_address
+from .addresses import PUBLIC, Trust, address_kind, preferred_address
 from .config import IdentityConfig
 from .directory import AddressRefused, ResolutionFailed
 from .dnsclient import DnsClient
@@ -130,7 +133,8 @@ class HttpFetcher:
         self._dns = dns
         self._clock = clock
         self._lock = threading.Lock()
-        self._vetted: dict[str, tuple[float, str]] = {}  # host -> (expires, address)
+        # (host, named by the operator) -> (expires, address)
+        self._vetted: dict[tuple[str, bool], tuple[float, str]] = {}
         self._idle: dict[tuple[str, str, int, str], list[_Connection]] = {}
         self._idle_pid = os.getpid()
         self._tls: ssl.SSLContext | None = None
@@ -139,21 +143,29 @@ class HttpFetcher:
         self._user_agent = config.user_agent
 
     def get(self, url: str, *, max_bytes: int, accept: str = "application/json",
-            error_bytes: int = 0, timeout: float | None = None) -> Fetched:
+            trust: Trust = Trust.NETWORK, error_bytes: int = 0,
+            timeout: float | None = None) -> Fetched:
         """Fetches `url`. Non-200 statuses come with their body only when it is at most
         `error_bytes` (an error message); `timeout` replaces the config's total timeout (a
         repository download); each read still gives up after the read timeout.
 
+        `trust` says who named the URL: only Trust.OPERATOR skips vetting its host's addresses,
+        and only for as long as redirects stay on its scheme, host and port.
+
         Raises AddressRefused, HostNotFound (the name does not exist), ResponseTooLarge or
         ResolutionFailed (DNS, transport, timeout, too many redirects)."""
         deadline = time.monotonic() + (timeout or self._config.total_timeout)
+        first = url
         for _ in range(self._config.max_redirects + 1):
             if time.monotonic() > deadline:
                 raise ResolutionFailed(f"GET {url}: out of time", upstream=urlsplit(url).netloc)
-            fetched, location = self._get_once(url, (max_bytes, error_bytes), accept, deadline)
+            fetched, location = self._get_once(url, (max_bytes, error_bytes), accept, deadline,
+                                               trust is Trust.OPERATOR)
             if location is None:
                 return fetched
             url = self._next_url(url, location)
+            if trust is Trust.OPERATOR and _origin(url) != _origin(first):
+                trust = Trust.NETWORK  # redirected elsewhere: data, no longer the operator's
         raise ResolutionFailed(f"more than {self._config.max_redirects} redirects from {url}",
                                upstream=urlsplit(url).netloc)
 
@@ -167,25 +179,28 @@ class HttpFetcher:
         return target
 
     # -- addresses ------------------------------------------------------------------------
-    def _vetted_address(self, host: str) -> str:
-        """The address to connect to for `host`: vetted now, or within its TTL."""
+    def _vetted_address(self, host: str, operator: bool) -> str:
+        """The address to connect to for `host`: vetted now (unless the operator named it), or
+        within its TTL. Operator-named hosts are remembered apart: never vetted, they vouch for
+        nothing the network names."""
         now = self._clock()
-        entry = self._vetted.get(host)  # a plain read: dict lookups are atomic
+        key = (host, operator)
+        entry = self._vetted.get(key)  # a plain read: dict lookups are atomic
         if entry is not None and entry[0] > now:
             return entry[1]
         addresses = self._dns.addresses(host)
-        if not self._config.allow_private_addresses:
-            bad = [a for a in addresses if not is_public_address(a)]
-            if bad:
-                raise AddressRefused(f"{host} resolves to non-public address {bad[0]} "
-                                     "(allowed only with --allow-private-addresses)")
+        if not operator and not self._config.allow_private_addresses:
+            for candidate in addresses:
+                kind = address_kind(candidate)
+                if kind != PUBLIC:
+                    raise AddressRefused(host, candidate, kind)
         address = preferred_address(addresses)
         # Unknown TTL (a DnsClient not saying): vetted for this fetch only.
         ttl = min(getattr(addresses, "ttl", 0.0), self._config.address_ttl)
         if ttl > 0:
             with self._lock:
-                self._vetted.pop(host, None)  # re-inserted last: oldest first in the dict
-                self._vetted[host] = (now + ttl, address)
+                self._vetted.pop(key, None)  # re-inserted last: oldest first in the dict
+                self._vetted[key] = (now + ttl, address)
                 while len(self._vetted) > MAX_VETTED_HOSTS:
                     del self._vetted[next(iter(self._vetted))]
         return address
@@ -193,7 +208,8 @@ class HttpFetcher:
     def forget(self, host: str) -> None:
         """Drops the vetted address of `host`: the next fetch looks it up and vets it again."""
         with self._lock:
-            self._vetted.pop(host, None)
+            for operator in (False, True):
+                self._vetted.pop((host, operator), None)
 
     # -- connections ----------------------------------------------------------------------
     def _checkout(self, key: tuple[str, str, int, str]) -> _Connection | None:
@@ -235,7 +251,7 @@ class HttpFetcher:
 
     # -- one request ----------------------------------------------------------------------
     def _get_once(
-        self, url: str, caps: tuple[int, int], accept: str, deadline: float
+        self, url: str, caps: tuple[int, int], accept: str, deadline: float, operator: bool
     ) -> tuple[Fetched, str | None]:
         parts = urlsplit(url)
         name = parts.hostname
@@ -251,7 +267,7 @@ class HttpFetcher:
             target += f"?{parts.query}"
         if _UNSAFE.search(target) or _UNSAFE.search(parts.netloc):
             raise ResolutionFailed(f"unsupported URL {url!r}")
-        address = self._vetted_address(name)
+        address = self._vetted_address(name, operator)
         request = (f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\n"  # the name, not the address
                    f"Accept: {accept}\r\nAccept-Encoding: identity\r\n"
                    f"User-Agent: {self._user_agent}\r\n\r\n").encode()
@@ -344,6 +360,16 @@ class HttpFetcher:
         elif remaining < conn.timeout:
             set_timeout(conn.sock, remaining)
             conn.timeout = remaining
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """Scheme, host and port: where a redirect may go and still be the operator's endpoint."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port or _DEFAULT_PORTS.get(parts.scheme)
+    except ValueError:
+        port = None
+    return parts.scheme, (parts.hostname or "").lower(), port
 
 
 class _Stale(Exception):

@@ -3,12 +3,17 @@
 Keys (dotted; the exporter turns the middle parts into labels):
   resolution.<method>.<result>  method: plc, web, dns, https
                                 result: ok, not_found, failed, mismatch, refused
+  refused.<kind>                lookups (and PDS requests) refused by the kind of address their
+                                host resolved to (loopback, private, link-local, ...: see
+                                addresses.address_kind)
   cache.hit, cache.miss, cache.coalesced, cache.size (gauge)
   breaker.trips, breaker.rejected, breaker.open (gauge: circuits now open)
   breaker.state.<upstream> (gauge: 0 closed, 1 open, 2 half-open/ready to probe; PDS hosts
                              as pds:<host>)
-  pds.profile.<result>        profile fetches: found, absent, later, failed, refused, bad
+  pds.profile.<result>, pds.repo.<result>  PDS requests: found, absent, later, failed,
+                                refused, bad
   pds.rate_limited.<host>     429 answers from one PDS host
+  backfill.<result>           --backfill-new-users: done, skipped, refused, failed, dropped
 """
 from __future__ import annotations
 
@@ -41,6 +46,11 @@ class Counters:
     def resolution(self, method: str, result: str) -> None:
         """Counts one answer of one resolution method."""
         self.inc(f"resolution.{method}.{result}")
+
+    def refused(self, method: str, kind: str) -> None:
+        """Counts one lookup refused because its host resolved to a `kind` address."""
+        self.inc(f"resolution.{method}.refused")
+        self.inc(f"refused.{kind}")
 
     def get(self, key: str) -> int:
         return self.snapshot().get(key, 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 from urllib.parse import urlsplit
 
+from .addresses import Trust
 from .config import IdentityConfig
 from .directory import DIDNotFound, Identity
 from .document import fetch_identity
@@ -15,7 +16,8 @@ _PLC_DID = re.compile(r"did:plc:[a-z2-7]{24}")
 
 
 class PlcResolver:
-    """Resolves did:plc identifiers against one PLC directory."""
+    """Resolves did:plc identifiers against one PLC directory, the operator's: its address is used
+    as given (a local mirror is common), while any redirect away from it is vetted."""
 
     def __init__(self, config: IdentityConfig, http: HttpFetcher, counters: Counters) -> None:
         self._base = config.plc_url.rstrip("/")
@@ -33,5 +35,5 @@ class PlcResolver:
         return fetch_identity(
             self._http, self._counters, "plc", did, f"{self._base}/{did}", self._max_bytes,
             missing_host_is_not_found=False,  # the directory itself missing is an outage
-            upstream=self.upstream,
+            upstream=self.upstream, trust=Trust.OPERATOR,
         )

@@ -16,6 +16,7 @@ from urllib.parse import urlencode, urlsplit
 import orjson
 
 from shards.events import has_nul
+from shards.identity.addresses import Trust
 from shards.identity.breaker import CircuitBreakers, CircuitOpen
 from shards.identity.config import IdentityConfig
 from shards.identity.directory import AddressRefused, ResolutionFailed
@@ -169,11 +170,12 @@ class PdsClient:
             self.limits.pause(host, self.config.breaker_cooldown)
             return Answer(LATER, retry_in=self.config.breaker_cooldown,
                           detail=f"circuit open for {host}")
-        try:
-            fetched = self._http.get(url, max_bytes=max_bytes, accept=accept,
+        try:  # a PDS endpoint comes from a DID document: the network's data, always vetted
+            fetched = self._http.get(url, max_bytes=max_bytes, accept=accept, trust=Trust.NETWORK,
                                      error_bytes=self.config.error_max_bytes, timeout=timeout)
         except AddressRefused as exc:
             self._breakers.abandon(ticket)
+            self.counters.inc(f"refused.{exc.kind}")
             return Answer(REFUSED, retry_in=self.config.absent_retry, detail=str(exc))
         except ResponseTooLarge:
             self._breakers.success(ticket)

@@ -10,6 +10,7 @@ import orjson
 import psycopg
 
 from shards.events import Event
+from shards.store.fence import Fence
 
 PROFILE = "app.bsky.actor.profile"
 TABLES = {
@@ -28,7 +29,7 @@ COLUMNS = {
     "blocks": ("uri", "cid", "author_did", "subject_did", "created_at"),
     "records": ("uri", "cid", "author_did", "collection", "record"),
 }
-USER_COLUMNS = ("did", "handle", "incomplete", "handle_verified", "pds")
+USER_COLUMNS = ("did", "handle", "incomplete", "handle_verified", "pds", "resolve_error")
 
 
 def _str(value: Any) -> str | None:
@@ -102,7 +103,7 @@ class Changes:
     users: list[tuple[Any, ...]] = field(default_factory=list)
     dead: list[tuple[str, int, bytes, str]] = field(default_factory=list)
     revs: dict[str, str] = field(default_factory=dict)  # newest repository rev per DID
-    noops: int = 0  # events acknowledged with nothing to write (commits a snapshot holds)
+    noops: int = 0  # events acknowledged with nothing to write (skipped commits and frames)
 
     def add(self, ev: Event) -> None:
         if ev.kind == "account":
@@ -133,7 +134,8 @@ STAGING = [
     for t in COLUMNS
 ] + [
     "CREATE TEMP TABLE IF NOT EXISTS stage_users"
-    " (did text, handle text, incomplete boolean, handle_verified boolean, pds text)"
+    " (did text, handle text, incomplete boolean, handle_verified boolean, pds text,"
+    " resolve_error text)"
     " ON COMMIT DELETE ROWS"
 ]
 
@@ -179,16 +181,20 @@ class Writer:
     its key; the transaction then goes back to a savepoint and merges through the staging
     tables (INSERT ... ON CONFLICT), and so do the next MERGE_AFTER_CONFLICT transactions.
     Direct COPY costs the database a third less, and a transaction that never touches the
-    staging tables skips emptying them at commit."""
+    staging tables skips emptying them at commit. With a fence (Redis workers), each transaction
+    first checks that the shard's epoch is still the writer's."""
 
     MERGE_AFTER_CONFLICT = 100
 
-    def __init__(self) -> None:
+    def __init__(self, fence: Fence | None = None) -> None:
         self._merge = 0  # transactions left that go straight to the staging path
+        self.fence = fence
 
     def write(self, conn: psycopg.Connection, changes: Changes) -> None:
         """Deletes, then users and records, then profiles, accounts, identities, dead letters."""
         with conn.transaction(), conn.cursor() as cur:
+            if self.fence is not None:
+                self.fence.check(cur)
             for table, uris in changes.deletes.items():
                 if uris:
                     cur.execute(f"DELETE FROM {table} WHERE uri = ANY(%s)", (list(uris),))
@@ -227,10 +233,13 @@ def existing_users(conn: psycopg.Connection, dids: list[str]) -> set[str]:
     return {r[0] for r in conn.execute("SELECT did FROM users WHERE did = ANY(%s)", (dids,))}
 
 
-def repo_revs(conn: psycopg.Connection, dids: list[str]) -> list[tuple[str, str]]:
-    """(did, rev) of the repository snapshot or commit last applied, for those of these DIDs
-    that have one."""
-    return conn.execute("SELECT did, rev FROM repo_revs WHERE did = ANY(%s)", (dids,)).fetchall()
+def repo_states(conn: psycopg.Connection,
+                dids: list[str]) -> list[tuple[str, str | None, bool | None]]:
+    """(did, newest rev applied, users.active) of these DIDs; None where there is no row."""
+    return conn.execute(
+        "SELECT d.did, r.rev, u.active FROM unnest(%s::text[]) AS d(did)"
+        " LEFT JOIN repo_revs r ON r.did = d.did LEFT JOIN users u ON u.did = d.did",
+        (dids,)).fetchall()
 
 
 def lock_users(cur: psycopg.Cursor, dids: Iterable[str]) -> None:
@@ -259,7 +268,8 @@ def _apply_rest(cur: psycopg.Cursor, changes: Changes) -> None:
         )
     if changes.identities:
         cur.execute(
-            "UPDATE users SET incomplete = true, refresh_after = now(), refresh_attempts = 0"
+            "UPDATE users SET incomplete = true, refresh_after = now(), refresh_attempts = 0,"
+            " resolve_error = coalesce(resolve_error, 'identity event: to be resolved again')"
             " WHERE did = ANY(%s)",
             (list(changes.identities),),
         )

@@ -14,12 +14,3 @@ UPDATE users SET profile_source = 'stream', profile_after = 'infinity'
  WHERE display_name IS NOT NULL OR description IS NOT NULL OR avatar_cid IS NOT NULL
     OR banner_cid IS NOT NULL;
 CREATE INDEX users_profile_due ON users (profile_after) WHERE profile_after < 'infinity';
-
-
--- The newest repository revision applied per DID: a backfill records its snapshot's, and never
--- writes a snapshot older than the one there (the live firehose keeps the same table).
-CREATE TABLE IF NOT EXISTS repo_revs (
-    did        text PRIMARY KEY,
-    rev        text NOT NULL,
-    updated_at timestamptz NOT NULL DEFAULT now()
-);
