@@ -85,13 +85,6 @@ class FakePDS(LoopStub):
         self._log_lock = threading.Lock()
         self._answers: dict[str, tuple[object, bytes]] = {}  # did -> (profile, its 200 answer)
 
-    def __enter__(self) -> FakePDS:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     # -- misbehaviour --------------------------------------------------------------------------
     def fail(self, did: str, status: int, *, times: int | None = None,
              retry_after: float | str | None = None) -> None:
@@ -177,14 +170,8 @@ class FakePDS(LoopStub):
 def main(profiles_path: str, port: int, latency: tuple[float, float]) -> None:
     """Serve a fake PDS on 127.0.0.1 until interrupted."""
     profiles = orjson.loads(Path(profiles_path).read_bytes())
-    pds = FakePDS(profiles, port=port, latency=latency)
-    with pds:
-        click.echo(f"fake PDS ({len(profiles)} profiles) at {pds.url}; Ctrl-C to stop", err=True)
-        try:
-            threading.Event().wait()
-        except KeyboardInterrupt:
-            pass
-        click.echo(f"{pds.total_requests} requests served", err=True)
+    FakePDS(profiles, port=port, latency=latency).serve_until_interrupted(
+        f"fake PDS ({len(profiles)} profiles)")
 
 
 if __name__ == "__main__":

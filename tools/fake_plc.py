@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,12 +74,6 @@ class FakePLC(LoopStub):
         super().start(listen and self.behaviour.profile != "down")
         return self
 
-    def __enter__(self) -> FakePLC:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     def hold(self, did: str) -> None:
         """Requests for `did` get no answer from now on, until release(did)."""
         self.behaviour.hang_dids.add(did)
@@ -136,15 +129,9 @@ def main(docs_path: str, port: int, profile: str, slow_fraction: float, seed: in
          latency: tuple[float, float], hang_dids: tuple[str, ...]) -> None:
     """Serve a fake PLC directory on 127.0.0.1 until interrupted."""
     docs = orjson.loads(Path(docs_path).read_bytes())
-    plc = FakePLC(docs, port=port, profile=profile, latency=latency, slow_fraction=slow_fraction,
-                  seed=seed, hang_dids=hang_dids)
-    with plc:
-        click.echo(f"fake PLC ({profile}, {len(docs)} DIDs) at {plc.url}; Ctrl-C to stop", err=True)
-        try:
-            threading.Event().wait()
-        except KeyboardInterrupt:
-            pass
-        click.echo(f"{plc.total_requests} requests served", err=True)
+    FakePLC(docs, port=port, profile=profile, latency=latency, slow_fraction=slow_fraction,
+            seed=seed, hang_dids=hang_dids).serve_until_interrupted(
+        f"fake PLC ({profile}, {len(docs)} DIDs)")
 
 
 if __name__ == "__main__":

@@ -11,10 +11,12 @@ import heapq
 import itertools
 import selectors
 import socket
+import sys
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Self
 from urllib.parse import unquote
 
 import orjson
@@ -351,7 +353,24 @@ class LoopStub:
     def is_up(self) -> bool:
         return self._listener is not None
 
-    def start(self, listen: bool = True) -> LoopStub:
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def serve_until_interrupted(self, what: str) -> None:
+        """A stub's command line: serves until Ctrl-C, saying on stderr what it is and where
+        ("fake PLC (...) at URL; ..."), then how many requests it served."""
+        with self:
+            print(f"{what} at {self.url}; Ctrl-C to stop", file=sys.stderr, flush=True)
+            try:
+                threading.Event().wait()
+            except KeyboardInterrupt:
+                pass
+            print(f"{self.total_requests} requests served", file=sys.stderr, flush=True)
+
+    def start(self, listen: bool = True) -> Self:
         """Starts listening; without `listen` only a port nobody listens on is chosen."""
         if listen:
             self.up()
