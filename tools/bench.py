@@ -435,6 +435,7 @@ class RunResult:
     stderr_issues: list[str] = field(default_factory=list)
     stderr_issue_count: int = 0
     log_dir: str = ""
+    database: str = ""  # the run's own database on the server, dropped at its end
 
 
 @contextmanager
@@ -606,7 +607,7 @@ def run_once(i: int, *, server_dsn: str, files: DataFiles, fmt: str, n_events: i
                   if v and k.startswith(("resolution.", "breaker.trips", "breaker.rejected"))},
         pds={k[4:]: v for k, v in (summary.get("identity") or {}).items()
              if v and k.startswith("pds.")},
-        stderr_issues=issues, stderr_issue_count=n_issues, log_dir=str(log_dir),
+        stderr_issues=issues, stderr_issue_count=n_issues, log_dir=str(log_dir), database=dbname,
     )
 
 
