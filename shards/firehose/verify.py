@@ -178,7 +178,8 @@ def verify_signature(commit: Commit, key: SigningKey) -> None:
     over the DAG-CBOR of the commit object without its `sig`."""
     if not commit._signed:
         raise VerificationError("signature", "a tooBig commit carries nothing to verify")
-    unsigned = {k: v for k, v in commit._signed.items() if k != "sig"}
+    unsigned = dict(commit._signed)
+    del unsigned["sig"]
     if not key.verify(libipld.encode_dag_cbor(unsigned), commit._signed["sig"]):
         raise VerificationError("signature", "does not verify with the #atproto key")
 
