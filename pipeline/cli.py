@@ -16,6 +16,7 @@ from pipeline.options import (
     RET_SOURCE,
     RET_USAGE,
     _short,
+    backfill_new_users_options,
     common_options,
     connect_database,
     database_options,
@@ -26,11 +27,14 @@ from pipeline.options import (
     log_format,
     open_database,
     opt,
+    pds_config,
+    pds_options,
     redis_transport,
     resolve_dsn,
     setup_logging,
     transport_option,
 )
+from pipeline.backfill import backfill
 from pipeline.status import dead_letters, status
 
 
@@ -84,6 +88,8 @@ def main() -> None:
      metavar="BATCHES",
      help="With a redis:// transport: most batches waiting in a shard's stream; the reader waits "
           "while a stream is that long (nothing unprocessed is ever trimmed).")
+@backfill_new_users_options
+@pds_options
 @identity_options
 @database_options
 @common_options
@@ -91,6 +97,7 @@ def run(replay: str | None, replay_format: str, jetstream: str | None, firehose:
         no_verify: bool, collections: tuple[str, ...], shards: int,
         pool_budget: int, batch_size: int, from_start: bool, end_wait: float, metrics_port: int,
         metrics_addr: str, summary_json: str | None, transport: str, stream_limit: int,
+        backfill_new_users: bool, backfill_concurrency: int, max_repo_bytes: int,
         resolve_timeout: float, max_user_creations: int,
         plc_url: str, dns_server: str | None, allow_private_addresses: bool, dsn: str | None,
         data_dir: str, log_level: str) -> None:
@@ -132,7 +139,9 @@ def run(replay: str | None, replay_format: str, jetstream: str | None, firehose:
     log.info(start_line(identity, dsn, jetstream=jetstream, redis=redis_url))
     options = RunOptions(
         dsn=dsn, shards=shards, pool_budget=pool_budget, max_user_creations=max_user_creations,
-        resolve_timeout=resolve_timeout, identity=identity,
+        resolve_timeout=resolve_timeout, identity=identity, pds=pds_config(),
+        backfill_new_users=backfill_new_users, backfill_concurrency=backfill_concurrency,
+        max_repo_bytes=max_repo_bytes,
         batch_size=batch_size, from_start=from_start, end_wait=end_wait,
         log_level=log_level.upper(),
         log_format=log_format(),
@@ -252,15 +261,21 @@ def record_command(firehose: str | None, jetstream: str | None, out: str, second
 
 @main.command("refresh-users")
 @opt("--due-only", is_flag=True, default=False,
-     help="Only users whose backoff has passed (default: every incomplete user).")
+     help="Only users whose backoff has passed (default: every incomplete user, and every user "
+          "missing a profile whose PDS did not say it has none).")
+@pds_options
 @identity_options
 @database_options
 @common_options
 def refresh_users(due_only: bool, resolve_timeout: float, max_user_creations: int, plc_url: str,
                   dns_server: str | None, allow_private_addresses: bool, dsn: str | None,
                   data_dir: str, log_level: str) -> None:
-    """One pass of the refresher over incomplete users, then exit (for cron)."""
-    from shards.identity import build_directory
+    """One pass of the refresher over incomplete users, then of the profile fetcher over users
+    missing a profile, then exit (for cron). Users of a host that a 429 paused for more than
+    30 s are left for the next run."""
+    from shards.identity import Counters, build_directory
+    from shards.pds.client import PdsClient
+    from shards.profiles import ProfileFetcher
     from shards.refresher import Refresher
     from shards.store.pool import open_pool
 
@@ -269,17 +284,31 @@ def refresh_users(due_only: bool, resolve_timeout: float, max_user_creations: in
     open_database(dsn).close()
     identity = identity_config(plc_url, dns_server, allow_private_addresses, resolve_timeout)
     log.info(start_line(identity, dsn))
-    directory = build_directory(identity)
+    pds = pds_config()
+    counters = Counters()
+    directory = build_directory(identity, counters=counters)
     pool = open_pool(dsn, 2, "pipeline-refresh")
+    profiles = (ProfileFetcher(pool, PdsClient(identity, pds, counters))
+                if pds.fetch_profiles else None)
+    refresher = Refresher(pool, directory, concurrency=min(max_user_creations, 64),
+                          profiles=profiles)
     try:
-        result = Refresher(pool, directory, concurrency=min(max_user_creations, 64)).run_pass(
-            due_only=due_only)
+        result = refresher.run_pass(due_only=due_only)
+        fetched = refresher.run_profiles(due_only=due_only)
     finally:
+        if profiles is not None:
+            profiles.stop()
         pool.close()
     with psycopg.connect(dsn, application_name="pipeline") as conn:
-        left = conn.execute("SELECT count(*) FROM users WHERE incomplete").fetchone()[0]
+        left, missing = conn.execute(
+            "SELECT count(*) FILTER (WHERE incomplete),"
+            " count(*) FILTER (WHERE profile_source IS NULL) FROM users").fetchone()
     click.echo(f"checked {result.checked} users: {result.completed} completed, "
                f"{result.failed} still incomplete; {left} incomplete in all")
+    if profiles is not None:
+        outcomes = ", ".join(f"{n} {k}" for k, n in sorted(fetched.results.items()))
+        click.echo(f"asked {fetched.checked} PDS for profiles: {outcomes or 'none due'};"
+                   f" {missing} users without a profile")
 
 
 @main.command()
@@ -304,11 +333,14 @@ def refresh_users(due_only: bool, resolve_timeout: float, max_user_creations: in
 @opt("--no-verify", is_flag=True, default=False,
      help="Firehose frames: trust the relay; write commits without checking their signature, "
           "hashes and tree proofs.")
+@backfill_new_users_options
+@pds_options
 @identity_options
 @database_options
 @common_options
 def worker(shard: int, shards: int, transport: str, pool_size: int | None, pool_budget: int,
-           lock_ttl: float, refresh_interval: float, no_verify: bool, resolve_timeout: float,
+           lock_ttl: float, refresh_interval: float, no_verify: bool, backfill_new_users: bool,
+           backfill_concurrency: int, max_repo_bytes: int, resolve_timeout: float,
            max_user_creations: int, plc_url: str, dns_server: str | None,
            allow_private_addresses: bool, dsn: str | None, data_dir: str, log_level: str) -> None:
     """One shard worker fed over Redis Streams, until SIGTERM/SIGINT (drains, then exits 0).
@@ -385,8 +417,10 @@ def worker(shard: int, shards: int, transport: str, pool_size: int | None, pool_
         config = WorkerConfig(
             shard=shard, shards=shards, dsn=dsn, pool_size=pool_size,
             slots=max(1, max_user_creations // shards), resolve_timeout=resolve_timeout,
-            identity=identity,
-            source="redis", refresh_interval=refresh_interval, epoch=fence.epoch,
+            identity=identity, source="redis", pds=pds_config().share(shards),
+            backfill_new_users=backfill_new_users,
+            backfill_concurrency=max(1, backfill_concurrency // shards),
+            max_repo_bytes=max_repo_bytes, refresh_interval=refresh_interval, epoch=fence.epoch,
             lease=lock_ttl, log_level=log_level.upper(), log_format=log_format(),
             verify=not no_verify,
         )
@@ -443,6 +477,7 @@ def upgrade(dsn: str | None, data_dir: str, log_level: str) -> None:
     click.echo("applied " + ", ".join(applied) if applied else "schema is up to date")
 
 
+main.add_command(backfill)
 main.add_command(status)
 main.add_command(dead_letters)
 

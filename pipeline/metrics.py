@@ -134,9 +134,24 @@ class PipelineCollector:
             labels=["kind"])
         breaker = GaugeMetricFamily("pipeline_breaker_open", "Upstream circuits open now.")
         trips = CounterMetricFamily("pipeline_breaker_trips", "Times a circuit opened.")
+        fetches = CounterMetricFamily("pipeline_pds_fetches", "PDS requests by kind and result.",
+                                      labels=["kind", "result"])
+        limited = CounterMetricFamily("pipeline_pds_rate_limited",
+                                      "429 answers (Too Many Requests) by PDS host.",
+                                      labels=["host"])
+        backfills = CounterMetricFamily("pipeline_backfills",
+                                        "Repositories of new users backfilled, by result.",
+                                        labels=["result"])
         for key, value in sorted(stats.items()):
             parts = key.split(".")
-            if parts[0] == "resolution" and len(parts) == 3:
+            if parts[0] == "backfill" and len(parts) == 2:
+                backfills.add_metric(parts[1:], value)
+            elif parts[0] == "pds":
+                if parts[1] == "rate_limited":
+                    limited.add_metric([key.split(".", 2)[2]], value)
+                elif len(parts) == 3:
+                    fetches.add_metric(parts[1:], value)
+            elif parts[0] == "resolution" and len(parts) == 3:
                 resolutions.add_metric(parts[1:], value)
             elif parts[0] == "refused" and len(parts) == 2:
                 refused.add_metric([parts[1]], value)
@@ -146,7 +161,7 @@ class PipelineCollector:
                 breaker.add_metric([], value)
             elif key == "breaker.trips":
                 trips.add_metric([], value)
-        yield from (resolutions, refused, cache, breaker, trips)
+        yield from (resolutions, refused, cache, breaker, trips, fetches, limited, backfills)
 
 
 def serve(port: int, addr: str, summary: Callable[[], Summary],

@@ -14,6 +14,7 @@ import psycopg
 
 from common.logs import FORMATS, configure
 from pipeline import embedded
+from shards.pds.config import PdsConfig
 
 RET_OK = 0
 RET_ERROR = 1
@@ -56,8 +57,9 @@ def database_options(f: Callable[..., Any]) -> Callable[..., Any]:
 def identity_options(f: Callable[..., Any]) -> Callable[..., Any]:
     f = opt("--allow-private-addresses", is_flag=True, default=False,
             help="Let hosts named by the network's data (handles, did:web hosts, PDS endpoints, "
-                 "redirects) resolve to private, loopback and link-local addresses; off, they are "
-                 "refused. The endpoints you name here are used as given either way.")(f)
+                 "redirects) resolve to private, loopback and link-local addresses, and PDS "
+                 "endpoints be plain http; off, they are refused. The endpoints you name here "
+                 "are used as given either way.")(f)
     f = opt("--dns-server", default=None, metavar="HOST[:PORT]",
             help="DNS server for handle verification, used as given (a local resolver is fine). "
                  "Default: the system's resolvers.")(f)
@@ -69,6 +71,74 @@ def identity_options(f: Callable[..., Any]) -> Callable[..., Any]:
                  "written with the DID as handle and marked incomplete.")(f)
     f = opt("--max-user-creations", type=click.IntRange(min=1), default=100, show_default=True,
             help="Most resolutions of new users at once, across all shards.")(f)
+    return f
+
+
+def _keep(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    ctx.meta.setdefault("pds", {})[param.name] = value
+
+
+_PDS = PdsConfig()
+# option name -> PdsConfig field
+_PDS_FIELDS = {"fetch_profiles": "fetch_profiles", "pds_rate": "rate",
+               "pds_host_concurrency": "host_concurrency", "max_pds_fetches": "concurrency",
+               "profile_retry": "absent_retry"}
+
+
+def pds_limit_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """How hard PDS hosts are asked; read back with `pds_config()` rather than passed to `f`."""
+    f = opt("--pds-host-concurrency", type=click.IntRange(min=1), default=_PDS.host_concurrency,
+            show_default=True, expose_value=False, callback=_keep,
+            help="Most requests in flight to one PDS host, per process.")(f)
+    f = opt("--pds-rate", type=click.FloatRange(min=0), default=_PDS.rate, show_default=True,
+            metavar="REQUESTS/S", expose_value=False, callback=_keep,
+            help="Most requests a second to one PDS host for the whole pipeline (each shard asks "
+                 "at its share; 0: no limit). 10 is the 3,000 per 5 minutes Bluesky's hosts "
+                 "allow one address.")(f)
+    return f
+
+
+def pds_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The PDS limits, and how profiles are fetched; read back with `pds_config()`."""
+    f = opt("--profile-retry", type=click.FloatRange(min=1), default=_PDS.absent_retry,
+            show_default=True, metavar="SECONDS", expose_value=False, callback=_keep,
+            help="How long a user whose PDS has no profile record waits before it is asked "
+                 "again.")(f)
+    f = opt("--max-pds-fetches", type=click.IntRange(min=1), default=_PDS.concurrency,
+            show_default=True, expose_value=False, callback=_keep,
+            help="Most PDS requests in flight at once across the pipeline (split across shards, "
+                 "at least 1 each).")(f)
+    f = pds_limit_options(f)
+    f = opt("--fetch-profiles/--no-fetch-profiles", default=True, show_default=True,
+            expose_value=False, callback=_keep,
+            help="Ask each user's PDS for its profile when none came from the stream.")(f)
+    return f
+
+
+def pds_config() -> PdsConfig:
+    """The PdsConfig of the current command's `pds_options` (the whole pipeline's limits)."""
+    values = click.get_current_context().meta.get("pds", {})
+    return PdsConfig(**{_PDS_FIELDS[k]: v for k, v in values.items()})
+
+
+MAX_REPO_BYTES = 512 * 1024 * 1024
+
+
+def max_repo_bytes_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return opt("--max-repo-bytes", type=click.IntRange(min=1), default=MAX_REPO_BYTES,
+               show_default=True, metavar="BYTES",
+               help="A repository larger than this is refused, and not read further. Each one "
+                    "being fetched is held in memory whole, twice while it is decoded.")(f)
+
+
+def backfill_new_users_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = max_repo_bytes_option(f)
+    f = opt("--backfill-concurrency", type=click.IntRange(min=1), default=8, show_default=True,
+            help="With --backfill-new-users: repositories fetched at once across the pipeline "
+                 "(split across shards, at least 1 each), within the PDS limits.")(f)
+    f = opt("--backfill-new-users", is_flag=True, default=False,
+            help="Load the repository of every user the database has never seen (getRepo, "
+                 "verified whole) in the background, in order with its live events.")(f)
     return f
 
 

@@ -36,6 +36,7 @@ from pipeline.sources.streams import compression
 RECORD_TABLES = ("posts", "likes", "reposts", "follows", "blocks", "records")
 NO_REASON = "no reason recorded"  # users written before the reasons were
 RAW_PREVIEW_CHARS = 80
+NOT_LINES = ("pds:", "backfill:")  # dead letters of these sources are not stream lines
 _FINGERPRINT_BYTES = 64 * 1024  # what FileSource hashes into a replay cursor's name
 
 
@@ -71,6 +72,18 @@ class ShardInfo:
 
 
 @dataclass
+class Profiles:
+    """Where users' profiles came from, and those still missing one."""
+
+    stream: int = 0
+    fetched: int = 0
+    absent: int = 0  # the PDS said it has none
+    missing: int = 0
+    missing_due: int = 0  # missing, and its PDS is due to be asked now
+    missing_without_pds: int = 0  # missing, and no PDS known yet
+
+
+@dataclass
 class Status:
     server: str  # e.g. "PostgreSQL 18.6 (embedded, /srv/pipeline/.pipeline-data)"
     cursors: list[CursorInfo]
@@ -80,6 +93,8 @@ class Status:
     dead_letters: dict[str, int]
     dead_letters_total: int
     shards: list[ShardInfo]
+    profiles: Profiles = field(default_factory=Profiles)
+    complete_users: int = 0  # handle settled, and profile known (fetched, streamed or absent)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -87,6 +102,8 @@ class Status:
             "cursors": [asdict(c) for c in self.cursors],
             "incomplete_users": {"total": self.incomplete_users, "due": self.incomplete_due,
                                  "by_reason": self.incomplete_reasons},
+            "profiles": asdict(self.profiles),
+            "complete_users": self.complete_users,
             "dead_letters": {"total": self.dead_letters_total, "by_reason": self.dead_letters},
             "shards": [{"shard": s.shard, "users": s.users, **s.tables, "total": s.total,
                         "epoch": s.epoch} for s in self.shards],
@@ -155,6 +172,15 @@ def collect(conn: psycopg.Connection, shards: int, server: str) -> Status:
                 "SELECT split_part(resolve_error, ':', 1) AS reason, count(*) FROM users"
                 " WHERE incomplete GROUP BY reason ORDER BY count(*) DESC, reason"):
             why[reason or NO_REASON] = n
+        *counts, complete = conn.execute(
+            "SELECT count(*) FILTER (WHERE profile_source = 'stream'),"
+            " count(*) FILTER (WHERE profile_source = 'pds'),"
+            " count(*) FILTER (WHERE profile_source = 'none'),"
+            " count(*) FILTER (WHERE profile_source IS NULL),"
+            " count(*) FILTER (WHERE profile_source IS NULL AND profile_after <= now()),"
+            " count(*) FILTER (WHERE profile_source IS NULL AND pds IS NULL),"
+            " count(*) FILTER (WHERE NOT incomplete AND profile_source IS NOT NULL)"
+            " FROM users").fetchone()
         reasons: dict[str, int] = {}
         for reason, n in conn.execute(
                 "SELECT split_part(error, ':', 1) AS reason, count(*) FROM dead_letters"
@@ -176,7 +202,7 @@ def collect(conn: psycopg.Connection, shards: int, server: str) -> Status:
             if k in by_shard:
                 by_shard[k].epoch = epoch
     return Status(server, cursors, incomplete, due, why, reasons, sum(reasons.values()),
-                  [by_shard[k] for k in range(shards)])
+                  [by_shard[k] for k in range(shards)], Profiles(*counts), complete)
 
 
 def _duration(seconds: float) -> str:
@@ -224,10 +250,15 @@ def render(status: Status) -> str:
         out += ["  " + s for s in _table(["name", "value", "updated", "progress"], rows, {1})]
     else:
         out.append("  (none)")
+    p = status.profiles
     out += ["", f"incomplete users  {status.incomplete_users}"
                 f" ({status.incomplete_due} due for refresh)"]
     out += [f"  {n:>8}  {reason}" for reason, n in status.incomplete_reasons.items()]
-    out += ["", f"dead letters      {status.dead_letters_total}"]
+    out += [f"profiles          {p.stream} from the stream, {p.fetched} fetched, {p.absent} known"
+            f" absent; {p.missing} missing ({p.missing_due} due now, {p.missing_without_pds}"
+            " without a PDS)",
+            f"complete users    {status.complete_users} (handle verified or invalid, profile known)",
+            "", f"dead letters      {status.dead_letters_total}"]
     for reason, n in status.dead_letters.items():
         out.append(f"  {n:>8}  {reason}")
     header = ["shard", "users", *RECORD_TABLES, "total"]
@@ -253,8 +284,8 @@ def render(status: Status) -> str:
 @database_options
 @common_options
 def status(shards: int, as_json: bool, dsn: str | None, data_dir: str, log_level: str) -> None:
-    """Cursors and lag, incomplete users and dead letters by reason, rows per shard (and the
-    epoch of each shard a Redis worker took over)."""
+    """Cursors and lag, incomplete users and dead letters by reason, profiles, rows per shard
+    (and the epoch of each shard a Redis worker took over)."""
     setup_logging(log_level)
     dsn = resolve_dsn(dsn, data_dir)
     conn = open_database(dsn)
@@ -355,7 +386,8 @@ def retry_letters(dsn: str, letters: list[DeadLetter], directory_factory: Callab
     """Feeds dead letters through decode and write again; whatever still fails stays put.
 
     Firehose frames are verified again with their author's key, fetched afresh (before any
-    database connection is opened), and keep to their repository's rev as in a run."""
+    database connection is opened); frames and Jetstream commits keep to their repository's rev
+    as in a run."""
     from shards.events import BadEvent, decode
     from shards.frames import KEY_UNAVAILABLE, FrameEvent, Frames
     from shards.frames import decode as decode_frame
@@ -391,10 +423,11 @@ def retry_letters(dsn: str, letters: list[DeadLetter], directory_factory: Callab
             keys[did] = frames.key(directory.resolve_did(did))
         except IdentityError:
             keys[did] = None
+    revised = sorted({*keyed, *(ev.did for _, ev in good if ev.rev is not None)})
     with psycopg.connect(dsn, application_name="pipeline") as conn:
         prepare_connection(conn)
-        if keyed:
-            frames.load(repo_states(conn, keyed))
+        if revised:
+            frames.load(repo_states(conn, revised))
             conn.commit()
         for letter, ev in good:
             changes = Changes()
@@ -415,7 +448,7 @@ def retry_letters(dsn: str, letters: list[DeadLetter], directory_factory: Callab
                         changes.add(op)
                     if ev.rev is not None:
                         changes.revs[ev.did] = ev.rev
-            else:
+            elif ev.rev is None or frames.admit_event(ev) is None:
                 changes.add(ev)
             try:
                 with conn.transaction():
@@ -479,6 +512,9 @@ def dead_letters(source: str | None, limit: int, retry: bool, resolve_timeout: f
         return
     from shards.identity import build_directory
 
+    # PDS answers and refused repositories are no stream lines: asked for again on their own.
+    kept = [d for d in letters if d.source.startswith(NOT_LINES)]
+    letters = [d for d in letters if not d.source.startswith(NOT_LINES)]
     try:
         result = retry_letters(dsn, letters, lambda: build_directory(config), max_user_creations,
                                resolve_timeout)
@@ -489,5 +525,7 @@ def dead_letters(source: str | None, limit: int, retry: bool, resolve_timeout: f
                + (f", {result.gone} already gone" if result.gone else "")
                + f"; {result.users_created} users created"
                + (f" ({result.users_fallback} with the DID as handle)" if result.users_fallback else "")
-               + (f"; {more} more not retried (raise --limit)" if more else ""))
+               + (f"; {more} more not retried (raise --limit)" if more else "")
+               + (f"; {len(kept)} left alone (PDS answers and refused repositories, asked for"
+                  " again by the refresher and by pipeline backfill)" if kept else ""))
 

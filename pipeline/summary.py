@@ -156,14 +156,27 @@ class Summary:
                 f"  {f.pending_user_creations:>27}  ({f.peak_active_user_creations}"
                 f" / {f.peak_pending_user_creations})"
             )
-        if self.identity:
+        identity = {k: v for k, v in self.identity.items()
+                    if v and not k.startswith(("pds.", "backfill.", _REFUSED))}
+        if identity:
             lines.append("identity          " + ", ".join(
-                f"{k} {v}" for k, v in sorted(self.identity.items())
-                if v and not k.startswith(_REFUSED)))
+                f"{k} {v}" for k, v in sorted(identity.items())))
         if self.refusals:
             lines.append(f"refused addresses {sum(self.refusals.values())}"
                          f" ({_kinds(self.refusals)}): hosts named by the network's data must be"
                          " public unless --allow-private-addresses")
+        profiles = {k[12:]: v for k, v in self.identity.items() if k.startswith("pds.profile.")}
+        if any(profiles.values()):
+            limited = {k[17:]: v for k, v in self.identity.items()
+                       if k.startswith("pds.rate_limited.") and v}
+            lines.append("profiles fetched  " + ", ".join(
+                f"{k} {v}" for k, v in sorted(profiles.items()) if v)
+                + (f" (429s: {sum(limited.values())} from {len(limited)} hosts)" if limited
+                   else ""))
+        backfills = {k[9:]: v for k, v in self.identity.items() if k.startswith("backfill.") and v}
+        if backfills:
+            lines.append("repositories      " + ", ".join(
+                f"{k} {v}" for k, v in sorted(backfills.items())) + " (new users backfilled)")
         return "\n".join(lines)
 
     def refusal_warning(self) -> str | None:

@@ -31,6 +31,7 @@ from pipeline.sources.base import Source, SourceError
 from pipeline.summary import Summary
 from shards.firehose.frames import route_key
 from shards.identity import IdentityConfig
+from shards.pds.config import PdsConfig
 from shards.stats import ShardStats
 from shards.store.pool import Budget, connect
 from shards.worker import WorkerConfig, WorkerExit
@@ -57,6 +58,10 @@ class RunOptions:
     max_user_creations: int = 100
     resolve_timeout: float = 5.0
     identity: IdentityConfig = field(default_factory=IdentityConfig)
+    pds: PdsConfig = field(default_factory=PdsConfig)  # the whole pipeline's limits
+    backfill_new_users: bool = False
+    backfill_concurrency: int = 8  # the whole pipeline's
+    max_repo_bytes: int = 512 * 1024 * 1024
     batch_size: int = 1000
     linger: float = 0.05
     max_inflight: int = 2
@@ -253,7 +258,10 @@ class Supervisor:
         config = WorkerConfig(
             shard=sp.shard, shards=self.o.shards, dsn=self.o.dsn, pool_size=self.per_shard_pool,
             slots=self.slots, resolve_timeout=self.o.resolve_timeout, identity=self.o.identity,
-            source=self.source.name, refresh_interval=self.o.refresh_interval,
+            source=self.source.name, pds=self.o.pds.share(self.o.shards),
+            backfill_new_users=self.o.backfill_new_users,
+            backfill_concurrency=max(1, self.o.backfill_concurrency // self.o.shards),
+            max_repo_bytes=self.o.max_repo_bytes, refresh_interval=self.o.refresh_interval,
             end_wait=self.o.end_wait, log_level=self.o.log_level, log_format=self.o.log_format,
             verify=self.o.verify,
         )

@@ -34,19 +34,21 @@ class Event:
     record: dict[str, Any] | None = None
     active: bool | None = None
     status: str | None = None
+    rev: str | None = None  # the repository revision of a commit
 
     @property
     def uri(self) -> str:
         return f"at://{self.did}/{self.collection}/{self.rkey}"
 
 
-def _has_nul(value: Any) -> bool:
+def has_nul(value: Any) -> bool:
+    """Whether a decoded JSON value holds a NUL anywhere: PostgreSQL text and jsonb cannot."""
     if isinstance(value, str):
         return "\x00" in value
     if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+        return any(has_nul(k) or has_nul(v) for k, v in value.items())
     if isinstance(value, list):
-        return any(_has_nul(v) for v in value)
+        return any(has_nul(v) for v in value)
     return False
 
 
@@ -64,7 +66,7 @@ def _parse(raw: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise BadEvent("not a JSON object")
     # PostgreSQL text and jsonb cannot hold NUL; look closer only when the escape is present.
-    if b"\\u0000" in raw and _has_nul(data):
+    if b"\\u0000" in raw and has_nul(data):
         raise BadEvent("NUL character in text")
     return data
 
@@ -97,6 +99,8 @@ def decode(raw: bytes, batch: int, idx: int, position: int) -> Event:
             if not isinstance(cid, str) or not cid:
                 raise BadEvent("commit missing cid")
             event.record, event.cid = record, cid
+        rev = commit.get("rev")
+        event.rev = rev if isinstance(rev, str) else None
     elif kind == "account":
         account = data.get("account")
         if not isinstance(account, dict) or not isinstance(account.get("active"), bool):

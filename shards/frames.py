@@ -5,7 +5,9 @@ A frame's life: `decode` (no network, no database) reads it and, for a #commit, 
 block's hash checked); the worker then finds the author's signing key in its DID document
 (cached by the identity layer, or resolved like a new user's identity), `Frames.check` verifies
 the signature and tree proofs, and `Frames.admit` skips a revision that is not newer than the
-last one applied; the worker hands the Events to the open transaction with the new revision."""
+last one applied; the worker hands the Events to the open transaction with the new revision.
+Jetstream commits and repository backfills keep to the same revisions (`admit_event`,
+`written`)."""
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
@@ -29,6 +31,7 @@ from shards.identity.directory import Identity
 
 KINDS = {"#commit": "commit", "#identity": "identity", "#account": "account"}
 KEY_UNAVAILABLE = "key unavailable"
+STALE = "stale rev"
 
 
 class Refused(BadEvent):
@@ -159,22 +162,41 @@ class Frames:
         a rev, or of an #account, must have been loaded (`missing_repos`, `load`)."""
         if fe.kind != "#account" and fe.rev is None:
             return None
-        did = fe.did or ""
+        state = self._state(fe.did or "")
+        if fe.kind == "#account":
+            state.active = bool(fe.events[0].active)
+            return None
+        if state.rev is not None and fe.rev <= state.rev:  # TIDs sort as their strings
+            return STALE
+        if fe.kind == "#commit" and not state.active:
+            return "inactive account"
+        state.rev = fe.rev
+        return None
+
+    def admit_event(self, ev: Event) -> str | None:
+        """Why a Jetstream commit is skipped ("stale rev": not newer than the repository's rev, a
+        backfilled snapshot's or a firehose commit's), or None; its state must have been loaded.
+        Jetstream splits a commit into one event per operation, all with its rev, so the rev is
+        left as it is."""
+        state = self._state(ev.did)
+        if state.rev is not None and ev.rev is not None and ev.rev <= state.rev:
+            return STALE
+        return None
+
+    def written(self, did: str, rev: str) -> None:
+        """A repository snapshot of `rev` was written (repo_revs has it, if it is newer)."""
+        state = self.repos.get(did)
+        if state is not None and (state.rev is None or rev > state.rev):
+            state.rev = rev
+
+    def _state(self, did: str) -> RepoState:
         state = self.repos.get(did)
         if state is None:
             state = RepoState(None, True)
             self._remember(did, state)
         else:
             self.repos.move_to_end(did)
-        if fe.kind == "#account":
-            state.active = bool(fe.events[0].active)
-            return None
-        if state.rev is not None and fe.rev <= state.rev:  # TIDs sort as their strings
-            return "stale rev"
-        if fe.kind == "#commit" and not state.active:
-            return "inactive account"
-        state.rev = fe.rev
-        return None
+        return state
 
     def _remember(self, did: str, state: RepoState) -> None:
         self.repos[did] = state

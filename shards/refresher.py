@@ -1,4 +1,5 @@
-"""Completes incomplete users in the background: handle, PDS and verification, with backoff."""
+"""Completes users in the background: handle, PDS and verification, with backoff; and, through
+its ProfileFetcher, their profiles from their PDS."""
 from __future__ import annotations
 
 import logging
@@ -15,6 +16,7 @@ from shards.identity.directory import (
     INVALID_HANDLE, DIDNotFound, Directory, Identity, IdentityError, ResolutionFailed,
     failure_reason,
 )
+from shards.profiles import ProfileFetcher, ProfileResult
 from shards.store.fence import Fence, StaleEpoch
 from shards.store.pool import RETRYABLE
 from shards.store.writes import lock_users
@@ -40,11 +42,16 @@ class RefreshResult:
         return self
 
 
-# A complete user keeps no error; an incomplete one the newest it was given, if any.
+# A complete user keeps no error; an incomplete one the newest it was given, if any. A user
+# whose PDS is new (found, or moved) and whose profile is not known is due for it again.
 _UPDATE = (
-    "UPDATE users SET handle = %s, handle_verified = %s, pds = %s, incomplete = %s,"
-    " resolve_error = CASE WHEN %s THEN coalesce(%s, resolve_error) END,"
-    " refresh_attempts = 0, refresh_after = now(), updated_at = now() WHERE did = %s"
+    "UPDATE users SET handle = %(handle)s, handle_verified = %(verified)s, pds = %(pds)s,"
+    " incomplete = %(incomplete)s,"
+    " resolve_error = CASE WHEN %(incomplete)s THEN coalesce(%(error)s, resolve_error) END,"
+    " refresh_attempts = 0, refresh_after = now(),"
+    " profile_after = CASE WHEN %(pds)s::text IS NOT NULL AND pds IS DISTINCT FROM %(pds)s"
+    " AND profile_source IS DISTINCT FROM 'stream' AND profile_source IS DISTINCT FROM 'pds'"
+    " THEN now() ELSE profile_after END, updated_at = now() WHERE did = %(did)s"
 )
 _FAILED = (
     "UPDATE users SET refresh_attempts = refresh_attempts + 1, resolve_error = %s,"
@@ -53,10 +60,9 @@ _FAILED = (
 )
 
 
-def _row(ident: Identity, error: str | None = None) -> tuple[object, ...]:
-    incomplete = not ident.complete
-    return (ident.handle, ident.handle_verified, ident.pds, incomplete, incomplete, error,
-            ident.did)
+def _row(ident: Identity, error: str | None = None) -> dict[str, object]:
+    return {"handle": ident.handle, "verified": ident.handle_verified, "pds": ident.pds,
+            "incomplete": not ident.complete, "error": error, "did": ident.did}
 
 
 class Refresher:
@@ -67,7 +73,8 @@ class Refresher:
 
     def __init__(self, pool: ConnectionPool, directory: Directory, shard: int | None = None,
                  shards: int = 1, interval: float = 30.0, page: int = 200,
-                 concurrency: int = 8, fence: Fence | None = None) -> None:
+                 concurrency: int = 8, fence: Fence | None = None,
+                 profiles: ProfileFetcher | None = None) -> None:
         self._pool = pool
         self._directory = directory
         self._where = "" if shard is None else f" AND {sql_shard_expr('did', shards)} = {int(shard)}"
@@ -76,6 +83,7 @@ class Refresher:
         self._concurrency = concurrency
         self._fence = fence
         self.fenced: StaleEpoch | None = None
+        self.profiles = profiles
         self._late: queue.SimpleQueue[Identity] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -91,9 +99,13 @@ class Refresher:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
         self._thread.start()
+        if self.profiles is not None:
+            self.profiles.start()
 
     def stop(self) -> None:
         self._stop.set()
+        if self.profiles is not None:
+            self.profiles.stop()
         if self._thread is not None:
             self._thread.join(timeout=2)
 
@@ -121,6 +133,11 @@ class Refresher:
             total += self._refresh(dids)
         return total
 
+    def run_profiles(self, due_only: bool = True) -> ProfileResult:
+        """One pass of the profile fetcher, for `refresh-users` (after `run_pass`, which may have
+        found new PDS endpoints); in the background the fetcher runs on its own thread."""
+        return ProfileResult() if self.profiles is None else self.profiles.run_pass(due_only)
+
     def _apply_late(self) -> None:
         rows = []
         while not self._late.empty():
@@ -128,7 +145,7 @@ class Refresher:
         if rows:
             with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
                 self._check(cur)
-                lock_users(cur, (row[-1] for row in rows))
+                lock_users(cur, (row["did"] for row in rows))
                 cur.executemany(_UPDATE + " AND incomplete", rows)
 
     def _check(self, cur: psycopg.Cursor) -> None:

@@ -21,13 +21,18 @@ import psycopg
 from common import stop_signals
 from common.logs import configure
 from shards import collector
+from shards.backfill import DONE, Backfill
 from shards.events import BadEvent, Event, decode
 from shards.frames import KEY_UNAVAILABLE, FrameEvent, Frames, Refused, frame_time
 from shards.frames import decode as decode_frame
-from shards.identity import Identity, IdentityConfig, build_directory
+from shards.identity import Counters, Identity, IdentityConfig, build_directory
+from shards.new_repos import NewRepos
+from shards.pds.client import PdsClient
+from shards.pds.config import PdsConfig
+from shards.profiles import ProfileFetcher
 from shards.refresher import Refresher
 from shards.stats import ShardStats
-from shards.store.fence import Fence
+from shards.store.fence import Fence, StaleEpoch
 from shards.store.pool import RETRYABLE, open_pool
 from shards.store.writes import Changes, Writer, existing_users, repo_states
 from shards.users import UserCreations
@@ -54,6 +59,10 @@ class WorkerConfig:
     resolve_timeout: float
     identity: IdentityConfig
     source: str
+    pds: PdsConfig = PdsConfig()  # this process's share of the pipeline's limits
+    backfill_new_users: bool = False
+    backfill_concurrency: int = 1  # repositories of new users fetched at once
+    max_repo_bytes: int = 512 * 1024 * 1024
     refresh_interval: float = 30.0
     end_wait: float = 1.0  # once the source has ended, the longest a new author is waited for
     known_capacity: int = 1_000_000
@@ -142,10 +151,21 @@ class ShardWorker:
         self.stats = ShardStats(config.shard)
         name = f"pipeline-shard-{config.shard}"
         self.pool = open_pool(config.dsn, config.pool_size, name, idle_in_transaction=config.lease)
-        self.directory = build_directory(config.identity)
+        counters = Counters()  # identity and PDS figures, reported together
+        self.directory = build_directory(config.identity, counters=counters)
         fence = None if config.epoch is None else Fence(config.shard, config.epoch)
+        client = PdsClient(config.identity, config.pds, counters)  # one set of host limits
+        profiles = None
+        if config.pds.fetch_profiles:
+            profiles = ProfileFetcher(self.pool, client, config.shard, config.shards,
+                                      poll=config.refresh_interval, fence=fence)
+        self.backfill = Backfill(self.pool, self.directory, client,
+                                 max_bytes=config.max_repo_bytes, fence=fence)
+        self.new_repos = (NewRepos(self.backfill, config.backfill_concurrency, counters)
+                          if config.backfill_new_users else None)
         self.refresher = Refresher(self.pool, self.directory, config.shard, config.shards,
-                                   interval=config.refresh_interval, fence=fence)
+                                   interval=config.refresh_interval, fence=fence,
+                                   profiles=profiles)
         self.users = UserCreations(self.directory, config.slots, config.resolve_timeout,
                                    wake=None, late=self.refresher.offer)
         self.known = KnownDIDs(config.known_capacity)
@@ -161,8 +181,9 @@ class ShardWorker:
         last_stats = time.monotonic()
         txn = OpenWrite()
         while not (self.stopping and not self.users.pending and not txn.changes):
-            if self.refresher.fenced is not None:
-                raise self.refresher.fenced
+            fenced = self._fenced()
+            if fenced is not None:
+                raise fenced
             now = time.monotonic()
             timeout = 0.5
             deadline = self.users.next_deadline()
@@ -200,14 +221,46 @@ class ShardWorker:
                 txn.since = now
             if txn.changes and (self.stopping or txn.size() >= GROUP_EVENTS
                                 or now - txn.since >= LINGER):
-                self._commit(txn)
-                self.conn.send(("ack", self.config.shard, txn.acks.batches))
-                txn = OpenWrite()
+                txn = self._finish(txn)
+            if self.new_repos is not None:
+                ready = self.new_repos.ready()
+                if ready and txn.changes:  # the live events before them are written first
+                    txn = self._finish(txn)
+                for did, (ident, repo, size) in ready:
+                    outcome = self.backfill.write(ident, repo, size)
+                    if outcome.result == DONE:
+                        self.frames.written(did, repo.rev)
+                    self.new_repos.written(did, outcome)
             if now - last_stats >= STATS_EVERY:
                 self.conn.send(("stats", self.config.shard, self.snapshot()))
                 last_stats = now
         self.refresher.stop()
+        if self.new_repos is not None:
+            self.new_repos.stop()
         self.conn.send(("stats", self.config.shard, self.snapshot()))
+
+    def _finish(self, txn: OpenWrite) -> OpenWrite:
+        """Commits and acknowledges a transaction; its new users go to the background jobs."""
+        self._commit(txn)
+        self.conn.send(("ack", self.config.shard, txn.acks.batches))
+        self._offer_new_users(txn.changes)
+        return OpenWrite()
+
+    def _fenced(self) -> StaleEpoch | None:
+        """The refusal a background job's transaction met: the shard was taken over."""
+        profiles = self.refresher.profiles
+        return (self.refresher.fenced or (profiles.fenced if profiles is not None else None)
+                or (self.new_repos.fenced if self.new_repos is not None else None))
+
+    def _offer_new_users(self, changes: Changes) -> None:
+        """New users go to the background jobs now, never waiting on them: those with a PDS and
+        no profile from the stream to the profile fetcher, all to the repository backfill."""
+        profiles = self.refresher.profiles
+        for did, _handle, _incomplete, _verified, pds, _error in changes.users:
+            if profiles is not None and pds is not None and did not in changes.profiles:
+                profiles.offer(did, pds)
+            if self.new_repos is not None:
+                self.new_repos.offer(did)
 
     def snapshot(self) -> ShardStats:
         self.stats.gauges(self.users.active, len(self.users.pending))
@@ -244,7 +297,7 @@ class ShardWorker:
                 self.frames.skipped[f"kind {ev.kind[:40]}"] += 1
                 txn.add_frame(ev, write=False)  # type: ignore[arg-type]
                 continue
-            if isinstance(ev, FrameEvent) and ev.rev is not None or ev.kind == "#account":
+            if ev.rev is not None or ev.kind == "#account":
                 revs.add(ev.did)
             pending = self.users.pending.get(ev.did)
             if pending is not None:
@@ -288,7 +341,7 @@ class ShardWorker:
                 self.users.pending[item.did].events.extend(items[i:])
                 return
             if isinstance(item, Event):
-                txn.add(item)
+                self._add(item, txn)
                 continue
             if item.needs_key and self.frames.verify:
                 if not resolved:
@@ -318,8 +371,8 @@ class ShardWorker:
         # Verified (or not to be): the blocks are not needed any more, and a transaction holds
         # hundreds of frames (letting them go now saved 5% of the CPU of a frame)
         fe.commit = None
-        if (fe.rev is not None or fe.kind == "#account") and fe.did not in self.frames.repos:
-            self._lookup([], [fe.did or ""])  # its state was dropped while it waited
+        if fe.rev is not None or fe.kind == "#account":
+            self._repo_state(fe.did or "")
         skipped = self.frames.admit(fe)
         if skipped is not None:
             self.frames.skipped[skipped] += 1
@@ -327,7 +380,29 @@ class ShardWorker:
             return
         if fe.kind == "#identity":
             self.directory.purge(fe.did or "")  # the next commit reads the document again
+        if fe.rev is not None and self.new_repos is not None:
+            self.new_repos.live(fe.did or "", fe.rev)
         txn.add_frame(fe, write=True)
+
+    def _add(self, ev: Event, txn: OpenWrite) -> None:
+        """A Jetstream event into the open transaction; a commit not newer than its repository's
+        rev (a snapshot holds it already) is acknowledged and counted, not written."""
+        if ev.rev is not None:
+            self._repo_state(ev.did)
+            skipped = self.frames.admit_event(ev)
+            if skipped is not None:
+                self.frames.skipped[skipped] += 1
+                txn.acks.add(ev.batch, ev.idx)
+                txn.changes.noops += 1
+                return
+            if self.new_repos is not None:
+                self.new_repos.live(ev.did, ev.rev)
+        txn.add(ev)
+
+    def _repo_state(self, did: str) -> None:
+        """Loads a repository's state that was dropped (or never read) while its events waited."""
+        if did not in self.frames.repos:
+            self._lookup([], [did])
 
     def _dead(self, txn: OpenWrite, batch: int, idx: int, position: int, raw: bytes,
               reason: str) -> None:

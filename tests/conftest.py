@@ -140,7 +140,7 @@ HOLD = (*WORKER_HOLD, "--end-wait", "120")
 
 TABLES = ("users", "posts", "likes", "reposts", "follows", "blocks", "records", "dead_letters")
 VOLATILE = {"updated_at", "created_at", "refresh_after", "refresh_attempts", "resolve_error",
-            "id"}
+            "profile_after", "profile_attempts", "id"}
 
 
 def digest(dsn: str) -> dict[str, str]:

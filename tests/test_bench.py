@@ -19,13 +19,17 @@ def test_bench_runs_end_to_end_and_reports_sane_figures(server_dsn: str, tmp_pat
     proc = subprocess.run(
         [sys.executable, "-m", "tools.bench", "--events", "3000", "--dids", "300", "--runs", "1",
          "--shards", "2", "--pool-budget", str(budget), "--dsn", server_dsn,
-         "--data", str(tmp_path / "data"), "--json", str(out)],
+         "--data", str(tmp_path / "data"), "--json", str(out), "--profiles", "alternate"],
         capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "run 1/1:" in proc.stdout and "median of 1:" in proc.stdout, proc.stdout
+    for line in ("run 1/1 profiles on:", "run 1/1 profiles off:", "median of 1 profiles on:",
+                 "median of 1 profiles off:", "of the events/s without (medians; pairs "):
+        assert line in proc.stdout, proc.stdout
 
     report = orjson.loads(out.read_bytes())
-    (run,) = report["runs"]
+    run, off = report["runs"]
+    assert (run["fetch_profiles"], off["fetch_profiles"]) == (True, False)
+    assert off["pds"] == {} and off["committed"] == 3000
     assert run["events_read"] == 3000
     assert run["committed"] + run["dead_letters"] == 3000
     assert run["events_per_second"] > 0
@@ -39,12 +43,16 @@ def test_bench_runs_end_to_end_and_reports_sane_figures(server_dsn: str, tmp_pat
     assert run["schema_ratio"] == run["events_per_second"] / run["schema_copy_rows_per_second"]
     assert run["supervisor_peak_rss_mb"] > 0 and run["max_worker_peak_rss_mb"] > 0
     assert run["workers_seen"] == 2
-    assert report["medians"]["events_per_second"] == run["events_per_second"]
+    assert report["medians"]["profiles on"]["events_per_second"] == run["events_per_second"]
+    assert report["medians"]["profiles off"]["events_per_second"] == off["events_per_second"]
 
-    # The generated files are cached, and the run's database is gone.
+    # The generated files are cached, and the runs' databases are gone (others' benchmarks on
+    # the same server may have theirs).
     assert (tmp_path / "data" / "events-3000-300-0.jsonl").exists()
+    names = [r["database"] for r in report["runs"]]
+    assert len(set(names)) == 2 and all(n.startswith("bench_") for n in names)
     with psycopg.connect(server_dsn) as conn:
-        left = conn.execute("SELECT count(*) FROM pg_database WHERE datname LIKE 'bench\\_%'")
+        left = conn.execute("SELECT count(*) FROM pg_database WHERE datname = ANY(%s)", (names,))
         assert left.fetchone()[0] == 0
 
 

@@ -8,15 +8,26 @@ import orjson
 import psycopg
 import pytest
 
+from shards.backfill import Backfill
 from shards.events import decode
+from shards.firehose.verify import read_repo
 from shards.identity.directory import Identity
+from shards.identity.metrics import Counters
 from shards.identity.mock import MockDirectory
+from shards.identity.testing import local_config
+from shards.new_repos import NewRepos
+from shards.pds.client import PdsClient
+from shards.pds.config import PdsConfig
+from shards.profiles import ProfileFetcher
 from shards.refresher import Refresher
 from shards.store.fence import Fence, StaleEpoch, take_over
 from shards.store.migrations import upgrade
 from shards.store.pool import open_pool
 from shards.store.writes import Changes, Writer, prepare_connection
 from tests.conftest import query, wait_until
+from tests.firehose_corpus import REPO_DID, recovered_keys
+from tests.test_backfill import CAR, forged
+from tools.fake_pds import FakePDS
 
 DID = "did:plc:" + "f" * 24
 
@@ -109,6 +120,52 @@ def test_the_refresher_of_a_replaced_worker_writes_nothing_and_says_so(dsn: str)
         wait_until(lambda: refresher.fenced is not None, timeout=30)
         refresher.stop()
     assert query(dsn, "SELECT handle, incomplete FROM users") == [(DID, True)]
+
+
+def _replaced(dsn: str) -> Fence:
+    """The fence of a worker that shard 0 was then taken over from."""
+    with psycopg.connect(dsn) as c:
+        upgrade(c)
+        old = take_over(c, 0, "old")
+        take_over(c, 0, "new")
+    return old
+
+
+def test_the_profile_fetcher_of_a_replaced_worker_writes_nothing_and_says_so(dsn: str) -> None:
+    old = _replaced(dsn)
+    profile = {"$type": "app.bsky.actor.profile", "displayName": "fetched"}
+    with FakePDS({DID: profile}) as pds, open_pool(dsn, 2, "fence-profiles") as pool:
+        query(dsn, "INSERT INTO users (did, handle, pds) VALUES (%s, %s, %s) RETURNING did",
+              (DID, DID, pds.url))
+        client = PdsClient(local_config(), PdsConfig(rate=0))
+        profiles = ProfileFetcher(pool, client, 0, 1, poll=0.05, fence=old)
+        profiles.start()
+        wait_until(lambda: profiles.fenced is not None, timeout=30)  # asked, then refused
+        profiles.stop()
+        assert pds.requests_for(DID) >= 1
+    assert query(dsn, "SELECT display_name, profile_source FROM users") == [(None, None)]
+
+
+def test_repository_writes_of_a_replaced_worker_commit_nothing(dsn: str) -> None:
+    """`--backfill-new-users`: the snapshot written by the worker's loop, and a refusal kept in
+    dead_letters by its background threads, both check the epoch first."""
+    old = _replaced(dsn)
+    key = recovered_keys(CAR)[0]
+    with FakePDS({}, {REPO_DID: forged()}) as pds, open_pool(dsn, 2, "fence-backfill") as pool:
+        ident = Identity(REPO_DID, "repo.test", True, pds.url, verification_methods=(
+            {"id": f"{REPO_DID}#atproto", "type": "Multikey", "controller": REPO_DID,
+             "publicKeyMultibase": key.multibase()},))
+        backfill = Backfill(pool, MockDirectory([ident]), PdsClient(local_config(),
+                                                                    PdsConfig(rate=0)),
+                            max_bytes=1 << 20, fence=old)
+        with pytest.raises(StaleEpoch):
+            backfill.write(ident, read_repo(CAR, REPO_DID, key), len(CAR))
+        new_repos = NewRepos(backfill, 1, Counters())
+        new_repos.offer(REPO_DID)  # fetched and refused (forged): its dead letter is fenced
+        wait_until(lambda: new_repos.fenced is not None, timeout=30)
+        new_repos.stop()
+    for table in ("users", "likes", "repo_revs", "dead_letters"):
+        assert query(dsn, f"SELECT count(*) FROM {table}") == [(0,)], table
 
 
 def test_a_worker_pool_ends_transactions_left_idle_past_the_lease(dsn: str) -> None:

@@ -37,6 +37,18 @@ def test_frames_give_the_rows_of_their_jetstream_lines(server_dsn: str) -> None:
         assert digest(fh) == digest(js)
 
 
+def test_jetstream_commits_keep_to_the_revs_the_firehose_applied(dsn: str) -> None:
+    """One rule for both formats: a Jetstream commit whose rev is not newer than the one its
+    repository has in repo_revs is skipped, each operation of a multi-operation commit alike."""
+    with fake_network(DOCS) as net:
+        replay(dsn, net, FRAMES)
+        before = digest(dsn)
+        lines = replay(dsn, net, CORPUS)
+    assert "committed         152" in lines.stdout, lines.stdout  # acknowledged, not written
+    assert "stale rev: 150" in lines.stdout
+    assert digest(dsn) == before
+
+
 def _rebuild(header: dict, body: dict, root: bytes, blocks: dict[bytes, object],
              raw_blocks: dict[bytes, bytes] | None = None) -> bytes:
     """The frame again, with its CAR made of `blocks` (and of `raw_blocks` as they are)."""

@@ -54,6 +54,8 @@ def collect(source: JetstreamSource, cursor: int | None,
     events: Iterator[tuple[int, bytes]] = source.events(cursor)
     try:
         for item in events:
+            if item is None:  # nothing new for a moment (the Source protocol allows it)
+                continue
             got.append(item)
             if until is not None and until(got):
                 break
@@ -84,8 +86,7 @@ def start_reader(source: JetstreamSource, cursor: int | None) -> tuple[threading
     got: Got = []
 
     def run() -> None:
-        for item in source.events(cursor):
-            got.append(item)
+        got.extend(item for item in source.events(cursor) if item is not None)
 
     thread = threading.Thread(target=run, name="test-jetstream-reader", daemon=True)
     thread.start()

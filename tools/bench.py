@@ -3,10 +3,12 @@
     python -m tools.bench --events 1000000 --dids 100000 --shards 8 --profile healthy
 
 Each run gets a fresh database on the server (the --dsn one, or an embedded PostgreSQL in a
-temporary directory), a PLC stub and a DNS stub in their own processes (the PLC stub in the
-chosen profile: healthy, slow or down; the DNS stub answers `_atproto.<handle>` TXT for every
-generated handle), and runs `python -m pipeline run --replay ...` as a subprocess. Every 0.2 s it
-samples the pipeline's connections in pg_stat_activity (application_name LIKE 'pipeline%', that
+temporary directory), a PLC stub, a DNS stub and a PDS stub in their own processes (the PLC stub
+in the chosen profile: healthy, slow or down; the DNS stub answers `_atproto.<handle>` TXT for
+every generated handle, and points the 18 PDS host names at the PDS stub, which holds a profile
+for 80% of the authors), and runs `python -m pipeline run --replay ...` as a subprocess, with
+profile fetching on or off (--profiles; `alternate` takes turns, for ratios taken close
+together). Every 0.2 s it samples the pipeline's connections in pg_stat_activity (application_name LIKE 'pipeline%', that
 database only) and the RSS of the supervisor and of each worker process (the peak is the larger
 of the samples and the kernel's high-water mark, VmHWM). Then, on the same server, it times two
 COPYs: one of as many like-shaped rows as there are events into a plain table without indexes
@@ -20,7 +22,8 @@ both` alternates the two in each run and reports the firehose's share of Jetstre
 Targets (2 cores, 8 shards): healthy events/s >= 0.25 of the schema-shaped COPY's rows/s, on 200k
 and 1M events; slow (10% of DIDs hanging) >= 85% of healthy; down >= 90% of healthy; peak RSS
 < 150 MB per process; connections never above the budget; the verified firehose replay >= 50%
-of the Jetstream replay's events/s on the same events.
+of the Jetstream replay's events/s on the same events; with profiles fetched from the PDS stub
+>= 90% of the events/s without.
 """
 from __future__ import annotations
 
@@ -54,6 +57,7 @@ MB = 1024 * 1024
 TARGET_SCHEMA_RATIO = 0.25
 TARGET_RSS_MB = 150
 TARGET_FIREHOSE = 0.5  # verified firehose events/s against Jetstream's, same events
+TARGET_PROFILES = 0.9  # events/s with profiles fetched from the PDS stub against without
 MONITOR_APP = "bench-monitor"  # must not match 'pipeline%'
 ISSUE_RE = re.compile(r" (WARNING|ERROR|CRITICAL) |Traceback|Error:|Exception")
 
@@ -68,6 +72,7 @@ class DataFiles:
     events: Path
     docs: Path
     dns: Path
+    profiles: Path
     frames: Path | None = None  # the same events as signed firehose frames
 
     def replay(self, fmt: str) -> Path:
@@ -86,14 +91,17 @@ def _atomic_write(path: Path, write: Any) -> None:
 
 def ensure_data(data_dir: Path, n_events: int, n_dids: int, seed: int,
                 echo: Any = print, frames: bool = False) -> DataFiles:
-    """The replay file (and with `frames` its firehose recording), the DID documents and the
-    DNS records, generated once per key."""
-    from tools.generate import did_documents, write_frames, write_replay
+    """The replay file (and with `frames` its firehose recording), the DID documents, the DNS
+    records and the PDS stub's profiles, generated once per key."""
+    from tools.generate import (
+        did_documents, pds_host, profile_records, write_frames, write_replay,
+    )
 
     data_dir.mkdir(parents=True, exist_ok=True)
     files = DataFiles(events=data_dir / f"events-{n_events}-{n_dids}-{seed}.jsonl",
                       docs=data_dir / f"docs-keys-{n_dids}-{seed}.json",
-                      dns=data_dir / f"dns-{n_dids}-{seed}.json",
+                      dns=data_dir / f"dns-pds-{n_dids}-{seed}.json",
+                      profiles=data_dir / f"profiles-{n_dids}-{seed}.json",
                       frames=data_dir / f"frames-{n_events}-{n_dids}-{seed}.bin" if frames
                       else None)
     for path, write in ((files.events, write_replay), (files.frames, write_frames)):
@@ -109,9 +117,23 @@ def ensure_data(data_dir: Path, n_events: int, n_dids: int, seed: int,
                 if aka.startswith("at://"):
                     records.setdefault(f"_atproto.{aka[5:]}", {}).setdefault("TXT", []).append(
                         f"did={did}")
+            records[pds_host(did)] = {"A": ["127.0.0.1"]}  # the PDS stub
         _atomic_write(files.docs, lambda p: p.write_bytes(orjson.dumps(docs)))
         _atomic_write(files.dns, lambda p: p.write_bytes(orjson.dumps(records)))
+    if not files.profiles.exists():
+        _atomic_write(files.profiles,
+                      lambda p: p.write_bytes(orjson.dumps(profile_records(n_dids, seed))))
     return files
+
+
+_ENDPOINT = re.compile(rb'"serviceEndpoint":"https://([a-z0-9.-]+)"')
+
+
+def docs_for_pds(docs: Path, port: int, out: Path) -> Path:
+    """The DID documents with every PDS endpoint at `http://<host>:<port>` (the PDS stub)."""
+    out.write_bytes(_ENDPOINT.sub(rb'"serviceEndpoint":"http://\1:' + str(port).encode() + b'"',
+                                  docs.read_bytes()))
+    return out
 
 
 def _iso_from_us(us: int) -> str:
@@ -374,6 +396,7 @@ class RunResult:
     run: int
     profile: str
     format: str
+    fetch_profiles: bool
     events: int
     exit_code: int
     events_read: int
@@ -408,9 +431,11 @@ class RunResult:
     others_cpu_seconds: float = 0.0  # machine CPU time during the run not spent by ours
     load_average: float = 0.0  # 1-minute load average when the run started
     identity: dict[str, int] = field(default_factory=dict)  # non-zero resolution counters
+    pds: dict[str, int] = field(default_factory=dict)  # non-zero PDS fetch counters
     stderr_issues: list[str] = field(default_factory=list)
     stderr_issue_count: int = 0
     log_dir: str = ""
+    database: str = ""  # the run's own database on the server, dropped at its end
 
 
 @contextmanager
@@ -445,6 +470,7 @@ def _stderr_issues(path: Path, limit: int = 8) -> tuple[int, list[str]]:
 
 def run_once(i: int, *, server_dsn: str, files: DataFiles, fmt: str, n_events: int, shards: int,
              pool_budget: int, profile: str, slow_fraction: float, seed: int,
+             fetch_profiles: bool,
              log_dir: Path, children: Children, rows_cache: dict[str, Any], timeout: float,
              extra: tuple[str, ...], echo: Any = print) -> RunResult:
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -453,11 +479,18 @@ def run_once(i: int, *, server_dsn: str, files: DataFiles, fmt: str, n_events: i
         dbname = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
         dns_proc = children.start([py, "-m", "tools.fake_dns", str(files.dns)],
                                   log_dir / "dns.log", stdout=log_dir / "dns.out")
-        plc_proc = children.start(
-            [py, "-m", "tools.fake_plc", "--docs", str(files.docs), "--port", "0",
-             "--profile", profile, "--slow-fraction", str(slow_fraction), "--seed", str(seed)],
-            log_dir / "plc.log")
+        pds_proc = children.start([py, "-m", "tools.fake_pds", "--profiles", str(files.profiles),
+                                   "--port", "0"], log_dir / "pds.log")
+        plc_proc = None
         try:
+            pds_url = _wait_for_line(log_dir / "pds.log", re.compile(r" at (http://\S+);"),
+                                     pds_proc).group(1)
+            docs = docs_for_pds(files.docs, int(pds_url.rsplit(":", 1)[1]), log_dir / "docs.json")
+            atexit.register(docs.unlink, missing_ok=True)
+            plc_proc = children.start(
+                [py, "-m", "tools.fake_plc", "--docs", str(docs), "--port", "0",
+                 "--profile", profile, "--slow-fraction", str(slow_fraction), "--seed", str(seed)],
+                log_dir / "plc.log")
             dns_addr = _wait_for_line(log_dir / "dns.out", re.compile(r"^(\S+:\d+)$", re.M),
                                       dns_proc).group(1)
             plc_url = _wait_for_line(log_dir / "plc.log", re.compile(r" at (http://\S+);"),
@@ -466,7 +499,8 @@ def run_once(i: int, *, server_dsn: str, files: DataFiles, fmt: str, n_events: i
             cmd = [py, "-m", "pipeline", "run", "--replay", str(files.replay(fmt)), "--dsn", dsn,
                    "--shards", str(shards), "--pool-budget", str(pool_budget),
                    "--plc-url", plc_url, "--dns-server", dns_addr, "--allow-private-addresses",
-                   "--from-start", "--summary-json", str(summary_path), *extra]
+                   "--from-start", "--summary-json", str(summary_path),
+                   *(() if fetch_profiles else ("--no-fetch-profiles",)), *extra]
             env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
             started = time.perf_counter()
             proc = children.start(cmd, log_dir / "pipeline.err", stdout=log_dir / "pipeline.out",
@@ -512,9 +546,12 @@ def run_once(i: int, *, server_dsn: str, files: DataFiles, fmt: str, n_events: i
             machine_after = psutil.cpu_times()
             code = proc.returncode
             children.stop(proc)
-            stub_cpu = {"plc": _cpu_of(plc_proc.pid), "dns": _cpu_of(dns_proc.pid)}
+            stub_cpu = {"plc": _cpu_of(plc_proc.pid), "dns": _cpu_of(dns_proc.pid),
+                        "pds": _cpu_of(pds_proc.pid)}
         finally:
-            children.stop(plc_proc)
+            if plc_proc is not None:
+                children.stop(plc_proc)
+            children.stop(pds_proc)
             children.stop(dns_proc)
         n_issues, issues = _stderr_issues(log_dir / "pipeline.err")
         if code != 0 or not summary_path.exists():
@@ -538,7 +575,8 @@ def run_once(i: int, *, server_dsn: str, files: DataFiles, fmt: str, n_events: i
     shape_rps = shaped / shape_s if shape_s > 0 else 0.0
     worker_peaks = sorted((peaks[p] / MB for p in workers if p in peaks), reverse=True)
     return RunResult(
-        run=i, profile=profile, format=fmt, events=n_events, exit_code=code,
+        run=i, profile=profile, format=fmt, fetch_profiles=fetch_profiles, events=n_events,
+        exit_code=code,
         events_read=int(summary.get("events_read") or 0), committed=committed,
         dead_letters=int(summary.get("dead_letters") or 0),
         users_created=int(summary.get("users_created") or 0),
@@ -559,14 +597,17 @@ def run_once(i: int, *, server_dsn: str, files: DataFiles, fmt: str, n_events: i
             "supervisor": round(sum(c for p, c in cpu.items() if p not in workers), 1),
             "workers": round(sum(cpu.get(p, 0.0) for p in workers), 1),
             "postgres_backends": round(sum(backend_cpu.values()), 1),
-            "plc_stub": round(stub_cpu["plc"], 1), "dns_stub": round(stub_cpu["dns"], 1)},
+            "plc_stub": round(stub_cpu["plc"], 1), "dns_stub": round(stub_cpu["dns"], 1),
+            "pds_stub": round(stub_cpu["pds"], 1)},
         others_cpu_seconds=round(max(0.0, _busy_seconds(machine_before, machine_after) - (
-            sum(cpu.values()) + sum(backend_cpu.values()) + stub_cpu["plc"] + stub_cpu["dns"])), 1),
+            sum(cpu.values()) + sum(backend_cpu.values()) + sum(stub_cpu.values()))), 1),
         machine_busy=_busy(machine_before, machine_after),
         load_average=round(load_before, 2),
         identity={k: v for k, v in (summary.get("identity") or {}).items()
                   if v and k.startswith(("resolution.", "breaker.trips", "breaker.rejected"))},
-        stderr_issues=issues, stderr_issue_count=n_issues, log_dir=str(log_dir),
+        pds={k[4:]: v for k, v in (summary.get("identity") or {}).items()
+             if v and k.startswith("pds.")},
+        stderr_issues=issues, stderr_issue_count=n_issues, log_dir=str(log_dir), database=dbname,
     )
 
 
@@ -624,9 +665,9 @@ def report_run(r: RunResult, label: str, n_events: int, budget: int) -> None:
     c = r.cpu_seconds
     click.echo(f"  CPU s: workers {c['workers']}, supervisor {c['supervisor']}, postgres "
                f"backends {c['postgres_backends']}, PLC stub {c['plc_stub']}, DNS stub "
-               f"{c['dns_stub']}; machine busy {r.machine_busy:.0%} of {os.cpu_count()} "
-               f"CPUs, others' CPU {r.others_cpu_seconds} s (load {r.load_average} at "
-               f"start); identity: {r.identity}")
+               f"{c['dns_stub']}, PDS stub {c['pds_stub']}; machine busy {r.machine_busy:.0%} of "
+               f"{os.cpu_count()} CPUs, others' CPU {r.others_cpu_seconds} s (load "
+               f"{r.load_average} at start); identity: {r.identity}; PDS: {r.pds}")
     if r.stderr_issue_count:
         click.echo(f"  pipeline stderr: {r.stderr_issue_count} warning/error line(s), e.g.:")
         for line in r.stderr_issues[:5]:
@@ -634,6 +675,22 @@ def report_run(r: RunResult, label: str, n_events: int, budget: int) -> None:
     if r.committed + r.dead_letters != r.events_read or r.events_read != n_events:
         click.echo(f"  note: read {r.events_read:,}, committed {r.committed:,}, dead "
                    f"{r.dead_letters:,} (expected {n_events:,} read)")
+
+
+def _variant(fmt: str, fetch: bool, formats: bool, fetches: bool) -> str:
+    """What tells a run's setting apart, when more than one is run: "firehose, profiles on"."""
+    parts = ([fmt] if formats else []) + ([f"profiles {'on' if fetch else 'off'}"] if fetches
+                                          else [])
+    return ", ".join(parts)
+
+
+def _share(these: list[RunResult], those: list[RunResult]) -> tuple[float, list[float]]:
+    """Median events/s of `these` against `those`, and the ratio of each pair of runs."""
+    pairs = [a.events_per_second / b.events_per_second
+             for a, b in zip(these, those) if b.events_per_second]
+    share = (medians(these)["events_per_second"] or 0) / (
+        medians(those)["events_per_second"] or 1)
+    return share, pairs
 
 
 # --- command ----------------------------------------------------------------------------------
@@ -653,11 +710,16 @@ def _raise_interrupt(signum: int, _frame: object) -> None:
               show_default=True, help="PLC stub: a few ms; a fraction of DIDs held 60 s; refused.")
 @click.option("--slow-fraction", type=click.FloatRange(0, 1), default=0.1, show_default=True,
               help="With --profile slow: share of DIDs that never answer within 60 s.")
-@click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Rounds; each runs every format and profile setting asked for, in turn.")
 @click.option("--format", "fmt", type=click.Choice(["jetstream", "firehose", "both"]),
               default="jetstream", show_default=True,
               help="Replay the events as Jetstream JSON lines, as signed firehose frames (verified"
                    " by the shards), or both alternately in each run, with their ratio.")
+@click.option("--profiles", "profiles_mode", type=click.Choice(["on", "off", "alternate"]),
+              default="on", show_default=True,
+              help="Profile fetching from the PDS stub: on, off, or alternate on/off runs, with "
+                   "their ratio.")
 @click.option("--dsn", default=None, metavar="DSN",
               help="PostgreSQL server (a database is created and dropped per run). "
                    "Default: an embedded server in a temporary directory.")
@@ -670,8 +732,9 @@ def _raise_interrupt(signum: int, _frame: object) -> None:
 @click.option("--pipeline-arg", "extra", multiple=True, metavar="ARG",
               help="Extra argument for `pipeline run` (repeatable), e.g. --pipeline-arg=--batch-size=500.")
 def main(n_events: int, n_dids: int, seed: int, shards: int, pool_budget: int, profile: str,
-         slow_fraction: float, runs: int, fmt: str, dsn: str | None, data_dir: str | None,
-         json_out: str | None, timeout: float, extra: tuple[str, ...]) -> None:
+         slow_fraction: float, runs: int, fmt: str, profiles_mode: str, dsn: str | None,
+         data_dir: str | None, json_out: str | None, timeout: float,
+         extra: tuple[str, ...]) -> None:
     """Benchmark `pipeline run --replay` end to end against a raw COPY on the same server."""
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_interrupt)
@@ -694,49 +757,61 @@ def main(n_events: int, n_dids: int, seed: int, shards: int, pool_budget: int, p
         stamp = time.strftime("%Y%m%d-%H%M%S")
         results: list[RunResult] = []
         rows_cache: dict[str, Any] = {}
+        fetches = [True, False] if profiles_mode == "alternate" else [profiles_mode == "on"]
+        variants = [(f, p) for p in fetches for f in formats]  # every round runs each in turn
+        names = {v: _variant(*v, len(formats) > 1, len(fetches) > 1) for v in variants}
+        label = {v: f" {name}" if name else "" for v, name in names.items()}
         click.echo(f"bench: {n_events:,} events, {n_dids:,} DIDs, {shards} shards, budget "
                    f"{pool_budget}, PLC {profile}"
                    + (f" ({slow_fraction:.0%} hanging)" if profile == "slow" else "")
-                   + f", {runs} run(s), {os.cpu_count()} CPUs")
+                   + f", profiles {profiles_mode}, {runs} round(s) of {len(variants)} run(s),"
+                   f" {os.cpu_count()} CPUs")
         for i in range(1, runs + 1):
-            for fmt_i in formats:  # alternated, so that both see the machine as it is now
+            for fmt_i, fetch in variants:  # alternated, so that each sees the machine as it is
                 r = run_once(i, server_dsn=dsn, files=files, fmt=fmt_i, n_events=n_events,
                              shards=shards, pool_budget=pool_budget, profile=profile,
-                             slow_fraction=slow_fraction, seed=seed,
-                             log_dir=logs / f"{stamp}-{profile}-{fmt_i}-{i}", children=children,
-                             rows_cache=rows_cache, timeout=timeout, extra=extra, echo=echo)
+                             slow_fraction=slow_fraction, seed=seed, fetch_profiles=fetch,
+                             log_dir=logs / "-".join((stamp, profile, fmt_i,
+                                                      "on" if fetch else "off", str(i))),
+                             children=children, rows_cache=rows_cache, timeout=timeout,
+                             extra=extra, echo=echo)
                 results.append(r)
-                report_run(r, f"run {i}/{runs}" + (f" {fmt_i}" if len(formats) > 1 else ""),
-                           n_events, pool_budget)
-        by_format = {f: [r for r in results if r.format == f] for f in formats}
-        m = medians(by_format[formats[0]])
-        named = len(formats) > 1
-        for f, rs in by_format.items():
-            click.echo(format_line(f"median of {len(rs)}" + (f" {f}" if named else ""),
-                                   medians(rs), pool_budget))
+                report_run(r, f"run {i}/{runs}" + label[(fmt_i, fetch)], n_events, pool_budget)
+        groups = {(f, p): [r for r in results if r.format == f and r.fetch_profiles == p]
+                  for f, p in variants}
+        m = medians(groups[variants[0]])
+        for key, rs in groups.items():
+            click.echo(format_line(f"median of {len(rs)}" + label[key], medians(rs), pool_budget))
         click.echo("targets (meant for 2 cores, 8 shards):")
-        for f, rs in by_format.items():
-            if named:
-                click.echo(f" {f}:")
+        for key, rs in groups.items():
+            if names[key]:
+                click.echo(f" {names[key]}:")
             for line in target_lines(medians(rs), profile, pool_budget):
                 click.echo(line)
-        if len(formats) == 2:
-            pairs = [f.events_per_second / j.events_per_second
-                     for j, f in zip(by_format["jetstream"], by_format["firehose"])
-                     if j.events_per_second]
-            share = (medians(by_format["firehose"])["events_per_second"] or 0) / (
-                m["events_per_second"] or 1)
-            click.echo(f"  verified firehose {share:.0%} of Jetstream's events/s (medians; runs "
-                       + ", ".join(f"{p:.0%}" for p in pairs) + f") >= {TARGET_FIREHOSE:.0%}: "
+        for fetch in fetches if len(formats) == 2 else ():
+            share, pairs = _share(groups[("firehose", fetch)], groups[("jetstream", fetch)])
+            click.echo(f"  verified firehose {share:.0%} of Jetstream's events/s"
+                       + (f", profiles {'on' if fetch else 'off'}" if len(fetches) > 1 else "")
+                       + " (medians; runs " + ", ".join(f"{p:.0%}" for p in pairs)
+                       + f") >= {TARGET_FIREHOSE:.0%}: "
                        + ("ok" if share >= TARGET_FIREHOSE else "MISSED"))
+        for f in formats if len(fetches) == 2 else ():
+            share, pairs = _share(groups[(f, True)], groups[(f, False)])
+            click.echo(f"  with profiles {share:.0%} of the events/s without"
+                       + (f", {f}" if len(formats) > 1 else "")
+                       + " (medians; pairs " + ", ".join(f"{p:.0%}" for p in pairs)
+                       + f") >= {TARGET_PROFILES:.0%}: "
+                       + ("ok" if share >= TARGET_PROFILES else "MISSED"))
         if json_out:
             payload = {
                 "config": {"events": n_events, "dids": n_dids, "seed": seed, "shards": shards,
                            "pool_budget": pool_budget, "profile": profile,
                            "slow_fraction": slow_fraction, "runs": runs, "format": fmt,
+                           "profiles": profiles_mode,
                            "cpus": os.cpu_count(), "extra": list(extra)},
                 "runs": [asdict(r) for r in results],
-                "medians": ({f: medians(rs) for f, rs in by_format.items()} if named else m),
+                "medians": ({names[key]: medians(rs) for key, rs in groups.items()}
+                            if len(groups) > 1 else m),
             }
             Path(json_out).write_bytes(orjson.dumps(payload, option=orjson.OPT_INDENT_2))
     except BenchError as exc:

@@ -100,15 +100,24 @@ def author_key(did: str, seed: int = 0) -> Any:
     return private_key(f"{seed}:{did}")
 
 
-def did_documents(n_dids: int, seed: int = 0) -> dict[str, dict[str, Any]]:
-    """PLC DID documents for the generated authors, shaped like plc.directory's answers."""
+def pds_host(did: str) -> str:
+    """The PDS host of a generated author: one of 18, as Bluesky's hosts are named."""
+    h = hashlib.sha256(f"doc:{did}".encode()).digest()
+    return f"{_PDS_HOSTS[h[1] % len(_PDS_HOSTS)]}.us-{('east', 'west')[h[2] & 1]}.host.bsky.network"
+
+
+def did_documents(n_dids: int, seed: int = 0,
+                  pds_port: int | None = None) -> dict[str, dict[str, Any]]:
+    """PLC DID documents for the generated authors, shaped like plc.directory's answers.
+
+    With `pds_port`, each `#atproto_pds` is `http://{host}:{pds_port}` (a PDS stub that DNS
+    points the hosts at) instead of `https://{host}`."""
     from tools.signed_frames import multibase
 
     docs: dict[str, dict[str, Any]] = {}
     for i, did in enumerate(did_list(n_dids, seed)):
-        h = hashlib.sha256(f"doc:{did}".encode()).digest()
-        region = ("east", "west")[h[2] & 1]
-        host = f"{_PDS_HOSTS[h[1] % len(_PDS_HOSTS)]}.us-{region}.host.bsky.network"
+        host = pds_host(did)
+        endpoint = f"https://{host}" if pds_port is None else f"http://{host}:{pds_port}"
         docs[did] = {
             "@context": [
                 "https://www.w3.org/ns/did/v1",
@@ -126,10 +135,27 @@ def did_documents(n_dids: int, seed: int = 0) -> dict[str, dict[str, Any]]:
             "service": [{
                 "id": "#atproto_pds",
                 "type": "AtprotoPersonalDataServer",
-                "serviceEndpoint": f"https://{host}",
+                "serviceEndpoint": endpoint,
             }],
         }
     return docs
+
+
+def profile_records(n_dids: int, seed: int = 0, share: float = 0.8) -> dict[str, dict[str, Any]]:
+    """The profile records a PDS holds for the generated authors: `share` of them have one."""
+    profiles: dict[str, dict[str, Any]] = {}
+    for did in did_list(n_dids, seed):
+        h = hashlib.sha256(f"profile:{did}".encode()).digest()
+        if int.from_bytes(h[:8], "big") >= share * 2**64:
+            continue
+        profiles[did] = {
+            "$type": PROFILE, "displayName": did[8:14].capitalize(),
+            "description": " ".join(_WORDS["en"][b % len(_WORDS["en"])] for b in h[8:16]),
+            "avatar": {"$type": "blob", "ref": {"$link": cid_string(int.from_bytes(h, "big"),
+                                                                    "bafkrei")},
+                       "mimeType": "image/jpeg", "size": 20_000 + h[16] * 1000},
+        }
+    return profiles
 
 
 @dataclass(slots=True)
@@ -395,7 +421,11 @@ def write_frames(path: str | Path, n_events: int, n_dids: int, seed: int = 0) ->
               help="Replay file, .jsonl or .jsonl.gz (- for stdout).")
 @click.option("--docs", type=click.Path(dir_okay=False), default=None,
               help="Also write the DID documents (JSON object keyed by DID), for tools.fake_plc.")
-def main(n_events: int, n_dids: int, seed: int, out: str, docs: str | None) -> None:
+@click.option("--profiles", type=click.Path(dir_okay=False), default=None,
+              help="Also write the authors' profile records (JSON object keyed by DID), for "
+                   "tools.fake_pds.")
+def main(n_events: int, n_dids: int, seed: int, out: str, docs: str | None,
+         profiles: str | None) -> None:
     """Generate a deterministic Jetstream v1 replay file."""
     started = time.perf_counter()
     if out == "-":
@@ -405,6 +435,8 @@ def main(n_events: int, n_dids: int, seed: int, out: str, docs: str | None) -> N
         write_replay(out, n_events, n_dids, seed)
     if docs:
         Path(docs).write_bytes(orjson.dumps(did_documents(n_dids, seed)))
+    if profiles:
+        Path(profiles).write_bytes(orjson.dumps(profile_records(n_dids, seed)))
     click.echo(f"{n_events} events from {n_dids} DIDs (seed {seed}) in "
                f"{time.perf_counter() - started:.1f}s", err=True)
 

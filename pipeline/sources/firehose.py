@@ -9,19 +9,12 @@ ConsumerTooSlow) ends the connection, is logged with its message, and the source
 with backoff. Frames go on to the supervisor undecoded: the shards decode and verify them."""
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
-import time
 import urllib.parse
-from collections.abc import Generator, Iterator
-
-from websockets.exceptions import InvalidStatus, WebSocketException
-from websockets.sync.client import ClientConnection, connect
+from collections.abc import Iterator
 
 from pipeline.sources.base import SourceError
-from pipeline.sources.jetstream import ConnectionStats
-from pipeline.sources.reconnect import FATAL_HTTP, backoff, describe, receive
+from pipeline.sources.live import Item, LiveSource
 from pipeline.sources.sequence import SeqOrder
 from shards.firehose.frames import BadFrame, parse_frame
 
@@ -31,29 +24,22 @@ XRPC_PATH = "/xrpc/com.atproto.sync.subscribeRepos"
 DEFAULT_MAX_FRAME_BYTES = 8 << 20
 
 
-class FirehoseSource:
+class FirehoseSource(LiveSource):
     """Follows a subscribeRepos endpoint until close(); see the module docstring."""
 
     format = "firehose"
-    resumable = True
 
     def __init__(self, url: str, *, read_timeout: float = 60.0, max_backoff: float = 60.0,
                  initial_backoff: float = 0.5, open_timeout: float = 10.0,
                  max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+        super().__init__(read_timeout=read_timeout, open_timeout=open_timeout,
+                         initial_backoff=initial_backoff, max_backoff=max_backoff,
+                         max_message_bytes=max_frame_bytes)
         self.url = firehose_url(url)
         self.name = f"firehose:{self.url}"
-        self._read_timeout = read_timeout
-        self._open_timeout = open_timeout
-        self._initial_backoff = initial_backoff
-        self._max_backoff = max_backoff
-        self._max_frame_bytes = max_frame_bytes
-        self.stats = ConnectionStats()
         self.order = SeqOrder()
         self.infos: list[str] = []  # #info and error frames seen, newest last (at most 100)
-        self._stop = threading.Event()
         self._next = 0
-        self._count = 0
-        self._ever_connected = False
 
     @property
     def next_position(self) -> int:
@@ -61,73 +47,33 @@ class FirehoseSource:
         return self._next
 
     @property
-    def progress(self) -> tuple[int, int | None]:
-        return self._count, None
-
-    @property
     def skipped(self) -> int:
         return self.order.skipped
-
-    def close(self) -> None:
-        """Asks events() to return within about 0.2 s; safe from a signal handler."""
-        self._stop.set()
 
     def events(self, cursor: int | None) -> Iterator[tuple[int, bytes] | None]:
         """Frames after `cursor - 1` (None or 0: the live tail), until close()."""
         resume = cursor - 1 if cursor else None
         self._next = cursor or 0
-        attempt = 0
-        while not self._stop.is_set():
-            before = self._next
-            reason = yield from self._session(resume)
-            if reason is None or self._stop.is_set():
-                return
-            attempt = 1 if self._next > before else attempt + 1
-            if self.order.last is not None:
-                resume = self.order.last
-            delay = backoff(attempt, self._initial_backoff, self._max_backoff)
-            self.stats.failures += 1
-            self.stats.last_error = reason
-            log.warning("%s: %s; reconnecting in %.2f s from seq %s (attempt %d)", self.name,
-                        reason, delay, resume if resume is not None else "live", attempt)
-            yield None  # the reader hands on what it holds while this connection is replaced
-            if self._stop.wait(delay):
-                return
+        yield from self._follow(resume)
 
-    def _session(self, resume: int | None) -> Generator[tuple[int, bytes] | None, None, str | None]:
-        """One connection's frames; returns why it must be replaced, or None once closed."""
-        self.stats.last_cursor = resume
-        with contextlib.ExitStack() as stack:
-            try:
-                ws = stack.enter_context(self._connect(resume))
-            except (OSError, WebSocketException) as exc:
-                self._raise_if_fatal(exc)
-                return f"connect failed: {describe(exc)}"
-            self.stats.connects += 1
-            self._ever_connected = True
-            last_message = time.monotonic()
-            while not self._stop.is_set():
-                raw = receive(ws, last_message, self._read_timeout)
-                if raw is None:
-                    yield None
-                    continue
-                if isinstance(raw, str):
-                    return raw
-                last_message = time.monotonic()
-                admit, seq = self.order.admit(raw)
-                if not admit:
-                    continue
-                if seq is None:
-                    control, ended = self._control(raw)
-                    if ended is not None:
-                        return ended
-                    if control:
-                        continue
-                else:
-                    self._next = seq + 1
-                self._count += 1
-                yield max(self._next - 1, 0), raw
-        return None
+    def _message(self, raw: bytes) -> Item | str | None:
+        """Frames whose seq goes up go on; #info is logged, an error frame ends the connection."""
+        admit, seq = self.order.admit(raw)
+        if not admit:
+            return None
+        if seq is None:
+            control, ended = self._control(raw)
+            if ended is not None:
+                return ended
+            if control:
+                return None
+        else:
+            self._next = seq + 1
+        return max(self._next - 1, 0), raw
+
+    def _resume_cursor(self, previous: int | None) -> int | None:
+        """After the last seq received, or where the last attempt asked when none came."""
+        return self.order.last if self.order.last is not None else previous
 
     def _control(self, raw: bytes) -> tuple[bool, str | None]:
         """A frame without a seq: #info is logged, an error frame ends the connection. Returns
@@ -148,20 +94,8 @@ class FirehoseSource:
         log.error("%s: relay ended the stream with an error: %s", self.name, text)
         return True, f"error frame {text}"
 
-    def _connect(self, resume: int | None) -> ClientConnection:
-        url = self.url if resume is None else f"{self.url}?cursor={resume}"
-        return connect(url, open_timeout=self._open_timeout,
-                       ping_interval=min(20.0, self._read_timeout / 2),
-                       ping_timeout=min(20.0, self._read_timeout), close_timeout=1.0,
-                       max_size=self._max_frame_bytes)
-
-    def _raise_if_fatal(self, exc: BaseException) -> None:
-        """A 4xx on the very first handshake is a wrong URL: tell the user."""
-        if isinstance(exc, InvalidStatus) and not self._ever_connected:
-            status = exc.response.status_code
-            if status in FATAL_HTTP:
-                raise SourceError(f"{self.name}: server answered HTTP {status} to the websocket"
-                                  f" handshake; check the URL") from exc
+    def _connect_url(self, resume: int | None) -> str:
+        return self.url if resume is None else f"{self.url}?cursor={resume}"
 
 
 def firehose_url(url: str) -> str:

@@ -15,25 +15,17 @@ or exhaust memory.
 """
 from __future__ import annotations
 
-import contextlib
-import logging
 import re
-import threading
 import time
 import urllib.parse
-from collections.abc import Generator, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 
 import orjson
-from websockets.exceptions import InvalidStatus, WebSocketException
-from websockets.sync.client import ClientConnection, connect
 
 from pipeline.sources.base import SourceError
-from pipeline.sources.reconnect import FATAL_HTTP, backoff, describe, receive
+from pipeline.sources.live import ConnectionStats, Item, LiveSource
 
 __all__ = ["ConnectionStats", "JetstreamSource", "DEFAULT_MAX_MESSAGE_BYTES"]
-
-log = logging.getLogger("pipeline.jetstream")
 
 DEFAULT_MAX_MESSAGE_BYTES = 2 * 1024 * 1024
 _MAX_COLLECTIONS = 100
@@ -41,28 +33,13 @@ _MAX_COLLECTIONS = 100
 _NSID = re.compile(r"^[A-Za-z][A-Za-z0-9-]*(\.[A-Za-z0-9-]+)+(\.\*)?$|^[A-Za-z][A-Za-z0-9-]*\.\*$")
 
 
-@dataclass
-class ConnectionStats:
-    """What the reader thread has been through; for status displays and tests."""
-
-    connects: int = 0
-    """Successful websocket handshakes."""
-    failures: int = 0
-    """Failed connection attempts plus dropped or timed-out connections."""
-    last_error: str | None = None
-    last_cursor: int | None = None
-    """Cursor asked for by the latest attempt (None: live tail)."""
-
-
-class JetstreamSource:
+class JetstreamSource(LiveSource):
     """Follows a Jetstream endpoint; see the module docstring for cursors and reconnects.
 
-    `events()` blocks (it runs in the supervisor's reader thread) and ends only on `close()`,
-    on reaching `stop_at_time_us`, or with SourceError when the server rejects the URL itself
-    (HTTP 4xx on the first handshake). Everything else is retried forever with backoff."""
+    `events()` also ends on reaching `stop_at_time_us`."""
 
     format = "jetstream"
-    resumable = True
+    fatal_hint = "check the URL (usually ending in /subscribe) and the collections"
 
     def __init__(
         self,
@@ -92,20 +69,15 @@ class JetstreamSource:
                              ("max_message_bytes", max_message_bytes)):
             if value <= 0:
                 raise SourceError(f"jetstream: {label} must be > 0, got {value}")
+        super().__init__(read_timeout=read_timeout, open_timeout=open_timeout,
+                         initial_backoff=initial_backoff, max_backoff=max_backoff,
+                         max_message_bytes=max_message_bytes)
         self._rewind_us = int(rewind_seconds * 1_000_000)
-        self._read_timeout = read_timeout
-        self._open_timeout = open_timeout
-        self._initial_backoff = max(0.0, initial_backoff)
-        self._max_backoff = max_backoff
-        self._max_message_bytes = max_message_bytes
         self._stop_at = stop_at_time_us
         self.name = f"jetstream:{self._base_url}"
-        self.stats = ConnectionStats()
-        self._stop = threading.Event()
         self._position = 0
-        self._count = 0
+        self._last_time_us: int | None = None
         self._tail_started_us: int | None = None
-        self._ever_connected = False
 
     # -- the Source protocol -------------------------------------------------------------
 
@@ -113,19 +85,6 @@ class JetstreamSource:
     def next_position(self) -> int:
         """The last yielded position (0 before any event: resuming from 0 means live tail)."""
         return self._position
-
-    @property
-    def progress(self) -> tuple[int, int | None]:
-        """(events read, None): a live stream has no total."""
-        return self._count, None
-
-    def close(self) -> None:
-        """Asks events() to return; it notices within ~0.2 s in recv or at once in backoff.
-
-        Only sets an Event, so it is safe from any thread or a signal handler. A connection
-        attempt in progress (TCP/TLS handshake) is not interrupted; it is bounded by
-        open_timeout."""
-        self._stop.set()
 
     def events(self, cursor: int | None) -> Iterator[tuple[int, bytes] | None]:
         """Yields `(position, raw)` from `cursor - rewind` (None or <= 0: live tail)."""
@@ -138,67 +97,19 @@ class JetstreamSource:
             self._position = 0
             resume = None
             self._tail_started_us = time.time_ns() // 1000
-        attempt = 0
-        while not self._stop.is_set():
-            start = self._position
-            reason = yield from self._session(resume)
-            if reason is None or self._stop.is_set():
-                return
-            # A connection that moved the position forward was healthy: start backoff afresh.
-            attempt = 1 if self._position > start else attempt + 1
-            resume = self._resume_cursor()
-            delay = backoff(attempt, self._initial_backoff, self._max_backoff)
-            self.stats.failures += 1
-            self.stats.last_error = reason
-            log.warning("%s: %s; reconnecting in %.2f s from cursor %s (attempt %d)",
-                        self.name, reason, delay, resume if resume is not None else "live",
-                        attempt)
-            if self._stop.wait(delay):
-                return
+        yield from self._follow(resume)
 
-    # -- helpers ---------------------------------------------------------------------------
+    def _message(self, raw: bytes) -> Item:
+        """Each event goes on at the newest time_us seen (positions never go backwards)."""
+        time_us = _time_us(raw)
+        if time_us is not None and time_us > self._position:
+            self._position = time_us
+        self._last_time_us = time_us
+        return self._position, raw
 
-    def _session(self, resume: int | None) -> Generator[tuple[int, bytes] | None, None, str | None]:
-        """One connection's events; returns why it must be replaced, or None when finished
-        (close() called or stop_at_time_us reached)."""
-        self.stats.last_cursor = resume
-        with contextlib.ExitStack() as stack:
-            try:
-                # enter_context: connect() is a context manager in every websockets version.
-                ws = stack.enter_context(self._connect(resume))
-            except (OSError, WebSocketException) as exc:
-                self._raise_if_fatal(exc)
-                return f"connect failed: {describe(exc)}"
-            self.stats.connects += 1
-            self._ever_connected = True
-            last_message = time.monotonic()
-            while not self._stop.is_set():
-                raw = receive(ws, last_message, self._read_timeout)
-                if raw is None:
-                    yield None
-                    continue
-                if isinstance(raw, str):
-                    return raw
-                last_message = time.monotonic()
-                time_us = _time_us(raw)
-                if time_us is not None and time_us > self._position:
-                    self._position = time_us
-                self._count += 1
-                yield self._position, raw
-                if self._stop_at is not None and time_us is not None and time_us >= self._stop_at:
-                    return None
-        return None
-
-    def _connect(self, resume: int | None) -> ClientConnection:
-        """Opens one connection; pings detect a dead peer even while the stream is quiet."""
-        return connect(
-            self._connect_url(resume),
-            open_timeout=self._open_timeout,
-            ping_interval=min(20.0, self._read_timeout / 2),
-            ping_timeout=min(20.0, self._read_timeout),
-            close_timeout=1.0,
-            max_size=self._max_message_bytes,
-        )
+    def _finished(self) -> bool:
+        return (self._stop_at is not None and self._last_time_us is not None
+                and self._last_time_us >= self._stop_at)
 
     def _connect_url(self, resume: int | None) -> str:
         """The URL's own query string, then wantedCollections, the size cap and the cursor."""
@@ -210,20 +121,10 @@ class JetstreamSource:
         query = "&".join(q for q in (self._query, urllib.parse.urlencode(params)) if q)
         return f"{self._base_url}?{query}" if query else self._base_url
 
-    def _resume_cursor(self) -> int | None:
+    def _resume_cursor(self, previous: int | None) -> int | None:
         """Last position minus rewind; before any event, the live tail's start minus rewind."""
         base = self._position or self._tail_started_us
         return None if not base else max(1, base - self._rewind_us)
-
-    def _raise_if_fatal(self, exc: BaseException) -> None:
-        """A 4xx on the very first handshake is a wrong URL or parameter: tell the user."""
-        if isinstance(exc, InvalidStatus) and not self._ever_connected:
-            status = exc.response.status_code
-            if status in FATAL_HTTP:
-                raise SourceError(
-                    f"{self.name}: server answered HTTP {status} to the websocket handshake;"
-                    f" check the URL (usually ending in /subscribe) and the collections"
-                ) from exc
 
 
 def _time_us(raw: bytes) -> int | None:

@@ -1,4 +1,5 @@
-"""Guarded HTTP GETs for identity documents: vetted and pinned addresses, size caps, timeouts.
+"""Guarded HTTP GETs for identity documents and PDS answers: vetted and pinned addresses, size
+caps, timeouts.
 
 Every fetch connects to an address it looked up itself, keeping the name in the Host header,
 TLS SNI and certificate check; so a DNS answer that changes between check and connect
@@ -22,7 +23,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
 
 import certifi
@@ -49,11 +50,13 @@ class ResponseTooLarge(ResolutionFailed):
 
 @dataclass(frozen=True)
 class Fetched:
-    """One final answer: the body is read (up to the cap) only for status 200."""
+    """One final answer: the body is read (up to the cap) for status 200, and for other statuses
+    only when asked to (`error_bytes`); header names are lowercase."""
 
     url: str
     status: int
     body: bytes = b""
+    headers: dict[bytes, bytes] = field(default_factory=dict)
 
 
 def _tls_context(ca_bundle: str | None) -> ssl.SSLContext:
@@ -140,20 +143,23 @@ class HttpFetcher:
         self._user_agent = config.user_agent
 
     def get(self, url: str, *, max_bytes: int, accept: str = "application/json",
-            trust: Trust = Trust.NETWORK) -> Fetched:
-        """Fetches `url`. Non-200 statuses are returned without their body.
+            trust: Trust = Trust.NETWORK, error_bytes: int = 0,
+            timeout: float | None = None) -> Fetched:
+        """Fetches `url`. Non-200 statuses come with their body only when it is at most
+        `error_bytes` (an error message); `timeout` replaces the config's total timeout (a
+        repository download); each read still gives up after the read timeout.
 
         `trust` says who named the URL: only Trust.OPERATOR skips vetting its host's addresses,
         and only for as long as redirects stay on its scheme, host and port.
 
         Raises AddressRefused, HostNotFound (the name does not exist), ResponseTooLarge or
         ResolutionFailed (DNS, transport, timeout, too many redirects)."""
-        deadline = time.monotonic() + self._config.total_timeout
+        deadline = time.monotonic() + (timeout or self._config.total_timeout)
         first = url
         for _ in range(self._config.max_redirects + 1):
             if time.monotonic() > deadline:
                 raise ResolutionFailed(f"GET {url}: out of time", upstream=urlsplit(url).netloc)
-            fetched, location = self._get_once(url, max_bytes, accept, deadline,
+            fetched, location = self._get_once(url, (max_bytes, error_bytes), accept, deadline,
                                                trust is Trust.OPERATOR)
             if location is None:
                 return fetched
@@ -245,7 +251,7 @@ class HttpFetcher:
 
     # -- one request ----------------------------------------------------------------------
     def _get_once(
-        self, url: str, max_bytes: int, accept: str, deadline: float, operator: bool
+        self, url: str, caps: tuple[int, int], accept: str, deadline: float, operator: bool
     ) -> tuple[Fetched, str | None]:
         parts = urlsplit(url)
         name = parts.hostname
@@ -269,7 +275,7 @@ class HttpFetcher:
         while True:
             try:
                 conn = self._checkout(key) or self._connect(parts.scheme, address, port, name)
-                return self._exchange(key, conn, request, url, upstream, max_bytes, deadline)
+                return self._exchange(key, conn, request, url, upstream, caps, deadline)
             except _Stale:
                 continue  # the server closed an idle connection: the GET is sent again, afresh
             except _TRANSPORT_ERRORS as exc:
@@ -279,11 +285,13 @@ class HttpFetcher:
 
     def _exchange(
         self, key: tuple[str, str, int, str], conn: _Connection, request: bytes,
-        url: str, upstream: str, max_bytes: int, deadline: float,
+        url: str, upstream: str, caps: tuple[int, int], deadline: float,
     ) -> tuple[Fetched, str | None]:
         """Sends the GET and reads the answer; the connection goes back to the pool only after a
-        complete exchange, and is closed otherwise (an unread body is never drained)."""
+        complete exchange, and is closed otherwise (an unread body is never drained).
+        `caps`: the most body bytes read for status 200, and for any other status."""
         kept = False
+        max_bytes, error_bytes = caps
         answer = _Response(max_bytes)
         try:
             self._timeout(conn, deadline, url, upstream)
@@ -304,7 +312,9 @@ class HttpFetcher:
             if status in _REDIRECTS and location is not None:
                 return Fetched(url, status), location.decode("latin-1")
             if status != 200:
-                return Fetched(url, status), None
+                if not error_bytes:
+                    return Fetched(url, status, headers=answer.headers), None
+                answer.max_bytes = max_bytes = error_bytes
             declared = answer.headers.get(b"content-length", b"")
             if declared.isdigit() and int(declared) > max_bytes:
                 raise ResponseTooLarge(f"{url}: Content-Length {declared.decode()} > {max_bytes}",
@@ -320,7 +330,7 @@ class HttpFetcher:
                     raise ResolutionFailed(f"GET {url}: connection closed mid-body",
                                            upstream=upstream)
             kept = answer.keep_alive and not closed and answer.messages == 1
-            return Fetched(url, 200, bytes(answer.body)), None
+            return Fetched(url, status, bytes(answer.body), answer.headers), None
         finally:
             if kept:
                 self._checkin(key, conn)

@@ -3,11 +3,17 @@
 Keys (dotted; the exporter turns the middle parts into labels):
   resolution.<method>.<result>  method: plc, web, dns, https
                                 result: ok, not_found, failed, mismatch, refused
-  refused.<kind>                lookups refused by the kind of address their host resolved to
-                                (loopback, private, link-local, ...: see addresses.address_kind)
+  refused.<kind>                lookups (and PDS requests) refused by the kind of address their
+                                host resolved to (loopback, private, link-local, ...: see
+                                addresses.address_kind)
   cache.hit, cache.miss, cache.coalesced, cache.size (gauge)
   breaker.trips, breaker.rejected, breaker.open (gauge: circuits now open)
-  breaker.state.<upstream> (gauge: 0 closed, 1 open, 2 half-open/ready to probe)
+  breaker.state.<upstream> (gauge: 0 closed, 1 open, 2 half-open/ready to probe; PDS hosts
+                             as pds:<host>)
+  pds.profile.<result>, pds.repo.<result>  PDS requests: found, absent, later, failed,
+                                refused, bad
+  pds.rate_limited.<host>     429 answers from one PDS host
+  backfill.<result>           --backfill-new-users: done, skipped, refused, failed, dropped
 """
 from __future__ import annotations
 
@@ -59,5 +65,6 @@ class Counters:
             values = dict(self._values)
             gauges = list(self._gauges)
         for read in gauges:  # outside the lock: gauges take their owners' locks
-            values.update(read())
+            for key, value in read().items():  # two breakers' "breaker.open" add up
+                values[key] = values.get(key, 0) + value
         return values

@@ -60,6 +60,12 @@ def _blob_cid(value: Any) -> str | None:
     return None
 
 
+def profile_fields(record: dict[str, Any]) -> tuple[str | None, ...]:
+    """display_name, description, avatar_cid and banner_cid of an app.bsky.actor.profile."""
+    return (_str(record.get("displayName")), _str(record.get("description")),
+            _blob_cid(record.get("avatar")), _blob_cid(record.get("banner")))
+
+
 def _subject(record: dict[str, Any]) -> tuple[str | None, str | None]:
     subject = record.get("subject")
     if isinstance(subject, dict):
@@ -97,7 +103,7 @@ class Changes:
     users: list[tuple[Any, ...]] = field(default_factory=list)
     dead: list[tuple[str, int, bytes, str]] = field(default_factory=list)
     revs: dict[str, str] = field(default_factory=dict)  # newest repository rev per DID
-    noops: int = 0  # events acknowledged with nothing to write (skipped frames)
+    noops: int = 0  # events acknowledged with nothing to write (skipped commits and frames)
 
     def add(self, ev: Event) -> None:
         if ev.kind == "account":
@@ -106,11 +112,8 @@ class Changes:
             self.identities.add(ev.did)
         elif ev.collection == PROFILE:
             if ev.rkey == "self":
-                rec = ev.record or {}
-                self.profiles[ev.did] = (
-                    _str(rec.get("displayName")), _str(rec.get("description")),
-                    _blob_cid(rec.get("avatar")), _blob_cid(rec.get("banner")),
-                ) if ev.operation != "delete" else (None, None, None, None)
+                self.profiles[ev.did] = (profile_fields(ev.record or {})
+                                         if ev.operation != "delete" else (None,) * 4)
         else:
             table = TABLES.get(ev.collection or "", "records")
             uri = ev.uri
@@ -145,6 +148,11 @@ MERGE = {
               + ", ".join(f"{c} = EXCLUDED.{c}" for c in cols[1:]))
     for table, cols in {**COLUMNS, "users": USER_COLUMNS}.items()
 }
+
+
+# (source, position, raw, error); the same line dead twice is kept once
+DEAD_LETTER = ("INSERT INTO dead_letters (source, position, raw, error) VALUES (%s, %s, %s, %s)"
+               " ON CONFLICT (source, position, raw_sha256) DO NOTHING")
 
 
 def prepare_connection(conn: psycopg.Connection) -> None:
@@ -246,10 +254,11 @@ def lock_users(cur: psycopg.Cursor, dids: Iterable[str]) -> None:
 def _apply_rest(cur: psycopg.Cursor, changes: Changes) -> None:
     if changes.profiles or changes.accounts or changes.identities:
         lock_users(cur, {*changes.profiles, *changes.accounts, *changes.identities})
-    if changes.profiles:
+    if changes.profiles:  # the stream's profile wins: its PDS is not asked for one any more
         cur.executemany(
             "UPDATE users SET display_name = %s, description = %s, avatar_cid = %s,"
-            " banner_cid = %s, updated_at = now() WHERE did = %s",
+            " banner_cid = %s, profile_source = 'stream', profile_after = 'infinity',"
+            " updated_at = now() WHERE did = %s",
             [(*v, did) for did, v in changes.profiles.items()],
         )
     if changes.accounts:
@@ -275,8 +284,4 @@ def _apply_rest(cur: psycopg.Cursor, changes: Changes) -> None:
             (dids, [changes.revs[did] for did in dids]),
         )
     if changes.dead:
-        cur.executemany(
-            "INSERT INTO dead_letters (source, position, raw, error) VALUES (%s, %s, %s, %s)"
-            " ON CONFLICT (source, position, raw_sha256) DO NOTHING",
-            changes.dead,
-        )
+        cur.executemany(DEAD_LETTER, changes.dead)
