@@ -2,8 +2,8 @@
 (libipld) only when a check or a record needs it.
 
 The sections are split here rather than by libipld.decode_car, which decodes every block and
-gives back values, not bytes: hashing then meant encoding each value again. Splitting and
-hashing the bytes as sent costs about a fifth of that (see README, "Firehose verification")."""
+gives back values, not bytes: hashing then meant encoding each value again. Split and hashed as
+sent, a recorded relay frame's blocks take 11 us instead of 27 (README, the verification cost)."""
 from __future__ import annotations
 
 import hashlib
