@@ -21,6 +21,7 @@ from pipeline.options import (
     connect_database,
     database_options,
     fail,
+    fill_counts,
     identity_config,
     identity_options,
     log,
@@ -135,6 +136,8 @@ def run(replay: str | None, replay_format: str, jetstream: str | None, firehose:
         fail(str(exc), RET_SOURCE)
     dsn = resolve_dsn(dsn, data_dir)
     open_database(dsn).close()
+    for line in fill_counts(dsn, quiet=True):
+        log.info("%s", line)
     identity = identity_config(plc_url, dns_server, allow_private_addresses, resolve_timeout)
     log.info(start_line(identity, dsn, jetstream=jetstream, redis=redis_url))
     options = RunOptions(
@@ -468,13 +471,16 @@ def db() -> None:
 @database_options
 @common_options
 def upgrade(dsn: str | None, data_dir: str, log_level: str) -> None:
-    """Apply schema migrations (run does this too)."""
+    """Apply schema migrations, then fill counts of records older than them (run does this too)."""
     from shards.store import migrations
 
     setup_logging(log_level)
-    with connect_database(resolve_dsn(dsn, data_dir)) as conn:
+    dsn = resolve_dsn(dsn, data_dir)
+    with connect_database(dsn) as conn:
         applied = migrations.upgrade(conn)
     click.echo("applied " + ", ".join(applied) if applied else "schema is up to date")
+    for line in fill_counts(dsn):
+        click.echo(line)
 
 
 main.add_command(backfill)

@@ -236,6 +236,28 @@ def open_database(dsn: str, application_name: str = "pipeline") -> psycopg.Conne
     return conn
 
 
+def fill_counts(dsn: str, quiet: bool = False) -> list[str]:
+    """Builds the counts' indexes and fills the counts of records older than them, in batches
+    (see shards/store/counts.py); returns lines saying what was done (`quiet`: only a fill)."""
+    from shards.store import counts
+
+    conn = connect_database(dsn)
+    try:
+        result = counts.fill(conn)
+    except psycopg.Error as exc:
+        fail(f"database error while filling counts: {_short(exc)}", RET_DATABASE)
+    finally:
+        conn.close()
+    if result.busy:
+        return ["another process is filling the counts; they are exact once it is done"]
+    lines = [] if quiet else [f"built index {name}" for name in result.indexes_built]
+    lines += [f"filled {table}: {result.rows[table]} rows, {n} ranges" for table, n in
+              result.ranges.items()]
+    if result.ranges:
+        lines.append(f"counts filled in {result.seconds:.1f}s")
+    return lines
+
+
 def identity_config(plc_url: str, dns_server: str | None, allow_private_addresses: bool,
                     resolve_timeout: float) -> Any:
     """HTTP waits outlast the resolve timeout, so a late answer still reaches the refresher."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import time
 import sys
@@ -12,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import orjson
+import psutil
 import psycopg
 import pytest
 
@@ -97,6 +99,26 @@ def wait_until(predicate, timeout: float = 60.0, every: float = 0.05) -> None:
         time.sleep(every)
 
 
+def workers(proc: psutil.Process) -> list[psutil.Process]:
+    """The shard workers of a local run: children of the supervisor's fork server."""
+    return [w for c in proc.children() if "forkserver" in " ".join(c.cmdline())
+            for w in c.children()]
+
+
+def kill_workers_midway(proc: subprocess.Popen, dsn: str, kills: int, rows_between: int,
+                        seed: int) -> None:
+    """Kills a shard worker (SIGKILL) each time `rows_between` more rows are committed, each
+    after the one killed before was restarted."""
+    rng, parent = random.Random(seed), psutil.Process(proc.pid)
+    for kill in range(kills):
+        wait_until(lambda: rows_committed(dsn) > (kill + 1) * rows_between)
+        live = {w.pid for w in workers(parent)}
+        victim = rng.choice(sorted(live))
+        psutil.Process(victim).kill()
+        wait_until(lambda: (now := {w.pid for w in workers(parent)}) and victim not in now
+                   and len(now) == len(live))
+
+
 def rows_committed(dsn: str) -> int:
     """Rows in the likes and posts tables (0 before the schema exists), to watch progress."""
     try:
@@ -138,7 +160,8 @@ WORKER_HOLD = ("--resolve-timeout", "120")  # `pipeline worker`: no end of a sou
 HOLD = (*WORKER_HOLD, "--end-wait", "120")
 
 
-TABLES = ("users", "posts", "likes", "reposts", "follows", "blocks", "records", "dead_letters")
+TABLES = ("users", "posts", "likes", "reposts", "follows", "blocks", "records", "dead_letters",
+          "post_stats", "user_stats")
 VOLATILE = {"updated_at", "created_at", "refresh_after", "refresh_attempts", "resolve_error",
             "profile_after", "profile_attempts", "id"}
 
@@ -157,6 +180,30 @@ def digest(dsn: str) -> dict[str, str]:
                 f" FROM (SELECT {keep} FROM {table}) t").fetchone()
             out[table] = f"{row[0]}:{row[1]}"
     return out
+
+
+def expected_counts(dsn: str) -> tuple[set[tuple], set[tuple]]:
+    """(post_stats, user_stats) rows as counted from the record tables now."""
+    posts = query(dsn, "SELECT uri, sum(l)::bigint, sum(r)::bigint, sum(p)::bigint FROM ("
+                       " SELECT subject_uri, 1, 0, 0 FROM likes UNION ALL"
+                       " SELECT subject_uri, 0, 1, 0 FROM reposts UNION ALL"
+                       " SELECT reply_parent_uri, 0, 0, 1 FROM posts) AS t (uri, l, r, p)"
+                       " WHERE uri IS NOT NULL GROUP BY uri")
+    users = query(dsn, "SELECT did, sum(fr)::bigint, sum(fg)::bigint, sum(p)::bigint FROM ("
+                       " SELECT subject_did, 1, 0, 0 FROM follows UNION ALL"
+                       " SELECT author_did, 0, 1, 0 FROM follows UNION ALL"
+                       " SELECT author_did, 0, 0, 1 FROM posts) AS t (did, fr, fg, p)"
+                       " WHERE did IS NOT NULL GROUP BY did")
+    return set(posts), set(users)
+
+
+def assert_counts_exact(dsn: str) -> None:
+    """post_stats and user_stats hold exactly what the record tables hold (no row of zeros)."""
+    posts, users = expected_counts(dsn)
+    got_posts = set(query(dsn, "SELECT uri, likes, reposts, replies FROM post_stats"))
+    got_users = set(query(dsn, "SELECT did, followers, follows, posts FROM user_stats"))
+    assert got_posts == posts, (sorted(got_posts - posts)[:5], sorted(posts - got_posts)[:5])
+    assert got_users == users, (sorted(got_users - users)[:5], sorted(users - got_users)[:5])
 
 
 @contextmanager

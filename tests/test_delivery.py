@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import random
 import re
 import signal
 import threading
@@ -15,8 +14,9 @@ import orjson
 import psutil
 import pytest
 
-from tests.conftest import (HOLD, database, digest, held, identity_args, query, rows_committed,
-                            run_pipeline, start_pipeline, wait_until)
+from tests.conftest import (HOLD, database, digest, held, identity_args, kill_workers_midway,
+                            query, rows_committed, run_pipeline, start_pipeline, wait_until,
+                            workers)
 from tools.generate import write_replay
 
 EVENTS, DIDS, SEED = 100_000, 1_000, 11
@@ -44,10 +44,6 @@ def args(dsn: str, path: Path, net: tuple, *extra: str) -> list[str]:
             "--log-level", "WARNING", *extra]
 
 
-def workers(proc: psutil.Process) -> list[psutil.Process]:
-    """The shard workers: children of the supervisor's fork server."""
-    return [w for c in proc.children() if "forkserver" in " ".join(c.cmdline())
-            for w in c.children()]
 
 
 
@@ -57,17 +53,9 @@ def workers(proc: psutil.Process) -> list[psutil.Process]:
 def test_workers_killed_midway_lose_nothing(dsn: str, replay_file: Path, net: tuple,
                                             gate: tuple[str, int],
                                             clean_digest: dict[str, str]) -> None:
-    rng = random.Random(1)
     with held(net[0], gate[0]):
         proc = start_pipeline(*args(dsn, replay_file, net, *HOLD))
-        parent = psutil.Process(proc.pid)
-        for kills in range(4):
-            wait_until(lambda: rows_committed(dsn) > (kills + 1) * 8_000)
-            live = {w.pid for w in workers(parent)}
-            victim = rng.choice(sorted(live))
-            psutil.Process(victim).kill()
-            wait_until(lambda: (now := {w.pid for w in workers(parent)}) and victim not in now
-                       and len(now) == len(live))  # restarted before the next kill
+        kill_workers_midway(proc, dsn, kills=4, rows_between=8_000, seed=1)
         assert proc.poll() is None
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err

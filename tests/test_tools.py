@@ -19,7 +19,8 @@ import requests
 from click.testing import CliRunner
 
 from tools.fake_plc import FakePLC
-from tools.generate import MIX, did_documents, did_list, generate_events, main, write_replay
+from tools.generate import (MIX, Hot, did_documents, did_list, generate_events, hot_targets, main,
+                            write_replay)
 
 DID = re.compile(r"^did:plc:[a-z2-7]{24}$")
 TID = re.compile(r"^[234567abcdefghij][234567abcdefghijklmnopqrstuvwxyz]{12}$")
@@ -47,6 +48,27 @@ def test_same_seed_same_bytes_and_files_match_the_stream(tmp_path: Path) -> None
     write_replay(tmp_path / "r.jsonl.gz", 3000, 300, seed=7)
     assert (tmp_path / "r.jsonl").read_bytes() == expected
     assert gzip.decompress((tmp_path / "r.jsonl.gz").read_bytes()) == expected
+
+
+def test_hot_posts_and_users_take_their_share_and_change_nothing_when_off() -> None:
+    assert _digest(generate_events(3000, 300, seed=7, hot=Hot())) == _digest(
+        generate_events(3000, 300, seed=7))
+    hot = Hot(posts=5, users=3, share=0.3)
+    posts, users = hot_targets(7, hot)
+    liked, followed = Counter(), Counter()
+    for line in generate_events(20_000, 1_000, seed=7, hot=hot):
+        commit = orjson.loads(line).get("commit") or {}
+        if commit.get("operation") != "create":
+            continue
+        if commit["collection"] == "app.bsky.feed.like":
+            liked[commit["record"]["subject"]["uri"]] += 1
+        elif commit["collection"] == "app.bsky.graph.follow":
+            followed[commit["record"]["subject"]] += 1
+    to_hot = sum(liked[p["uri"]] for p in posts) / sum(liked.values())
+    assert 0.28 < to_hot < 0.32
+    assert {u for u, _ in liked.most_common(5)} == {p["uri"] for p in posts}
+    assert 0.25 < sum(followed[u] for u in users) / sum(followed.values()) < 0.35
+    assert users == did_list(1_000, seed=7)[:3]
 
 
 @dataclass

@@ -19,6 +19,9 @@ this work). It reports the pipeline's events/s against both, and the CPU seconds
 as signed firehose frames (tools.generate.write_frames), which the shards verify; `--format
 both` alternates the two in each run and reports the firehose's share of Jetstream's events/s.
 
+`--hot-posts 5 --hot-share 0.3` sends 30% of the likes to five posts (and `--hot-users`, that share
+of the follows to a few users): what every shard counts at once when a post goes viral.
+
 Targets (2 cores, 8 shards): healthy events/s >= 0.25 of the schema-shaped COPY's rows/s, on 200k
 and 1M events; slow (10% of DIDs hanging) >= 85% of healthy; down >= 90% of healthy; peak RSS
 < 150 MB per process; connections never above the budget; the verified firehose replay >= 50%
@@ -50,6 +53,8 @@ import orjson
 import psutil
 import psycopg
 from psycopg import sql
+
+from tools.generate import Hot, hot_options
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_EVERY = 0.2
@@ -90,7 +95,7 @@ def _atomic_write(path: Path, write: Any) -> None:
 
 
 def ensure_data(data_dir: Path, n_events: int, n_dids: int, seed: int,
-                echo: Any = print, frames: bool = False) -> DataFiles:
+                echo: Any = print, frames: bool = False, hot: Hot = Hot()) -> DataFiles:
     """The replay file (and with `frames` its firehose recording), the DID documents, the DNS
     records and the PDS stub's profiles, generated once per key."""
     from tools.generate import (
@@ -98,16 +103,17 @@ def ensure_data(data_dir: Path, n_events: int, n_dids: int, seed: int,
     )
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    files = DataFiles(events=data_dir / f"events-{n_events}-{n_dids}-{seed}.jsonl",
+    tag = f"-hot-{hot.posts}-{hot.users}-{hot.share}" if hot != Hot() else ""
+    files = DataFiles(events=data_dir / f"events-{n_events}-{n_dids}-{seed}{tag}.jsonl",
                       docs=data_dir / f"docs-keys-{n_dids}-{seed}.json",
                       dns=data_dir / f"dns-pds-{n_dids}-{seed}.json",
                       profiles=data_dir / f"profiles-{n_dids}-{seed}.json",
-                      frames=data_dir / f"frames-{n_events}-{n_dids}-{seed}.bin" if frames
+                      frames=data_dir / f"frames-{n_events}-{n_dids}-{seed}{tag}.bin" if frames
                       else None)
     for path, write in ((files.events, write_replay), (files.frames, write_frames)):
         if path is not None and not path.exists():
             started = time.perf_counter()
-            _atomic_write(path, lambda p: write(p, n_events, n_dids, seed))  # noqa: B023
+            _atomic_write(path, lambda p: write(p, n_events, n_dids, seed, hot))  # noqa: B023
             echo(f"generated {path} in {time.perf_counter() - started:.1f} s")
     if not files.docs.exists() or not files.dns.exists():
         docs = did_documents(n_dids, seed)
@@ -731,10 +737,11 @@ def _raise_interrupt(signum: int, _frame: object) -> None:
               help="Longest one pipeline run may take (seconds).")
 @click.option("--pipeline-arg", "extra", multiple=True, metavar="ARG",
               help="Extra argument for `pipeline run` (repeatable), e.g. --pipeline-arg=--batch-size=500.")
+@hot_options
 def main(n_events: int, n_dids: int, seed: int, shards: int, pool_budget: int, profile: str,
          slow_fraction: float, runs: int, fmt: str, profiles_mode: str, dsn: str | None,
          data_dir: str | None, json_out: str | None, timeout: float,
-         extra: tuple[str, ...]) -> None:
+         extra: tuple[str, ...], hot_posts: int, hot_users: int, hot_share: float) -> None:
     """Benchmark `pipeline run --replay` end to end against a raw COPY on the same server."""
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_interrupt)
@@ -746,8 +753,9 @@ def main(n_events: int, n_dids: int, seed: int, shards: int, pool_budget: int, p
     echo = lambda msg: click.echo(msg, err=True)  # noqa: E731
     try:
         formats = ["jetstream", "firehose"] if fmt == "both" else [fmt]
+        hot = Hot(hot_posts, hot_users, hot_share)
         files = ensure_data(Path(data_dir) if data_dir else scratch / "data", n_events, n_dids,
-                            seed, echo=echo, frames="firehose" in formats)
+                            seed, echo=echo, frames="firehose" in formats, hot=hot)
         if dsn is None:
             from pipeline import embedded
 
@@ -764,6 +772,8 @@ def main(n_events: int, n_dids: int, seed: int, shards: int, pool_budget: int, p
         click.echo(f"bench: {n_events:,} events, {n_dids:,} DIDs, {shards} shards, budget "
                    f"{pool_budget}, PLC {profile}"
                    + (f" ({slow_fraction:.0%} hanging)" if profile == "slow" else "")
+                   + (f", {hot_share:.0%} of likes to {hot_posts} posts and of follows to "
+                      f"{hot_users} users" if hot != Hot() else "")
                    + f", profiles {profiles_mode}, {runs} round(s) of {len(variants)} run(s),"
                    f" {os.cpu_count()} CPUs")
         for i in range(1, runs + 1):
@@ -805,6 +815,7 @@ def main(n_events: int, n_dids: int, seed: int, shards: int, pool_budget: int, p
         if json_out:
             payload = {
                 "config": {"events": n_events, "dids": n_dids, "seed": seed, "shards": shards,
+                           "hot": asdict(hot),
                            "pool_budget": pool_budget, "profile": profile,
                            "slow_fraction": slow_fraction, "runs": runs, "format": fmt,
                            "profiles": profiles_mode,

@@ -158,6 +158,28 @@ def profile_records(n_dids: int, seed: int = 0, share: float = 0.8) -> dict[str,
     return profiles
 
 
+@dataclass(frozen=True)
+class Hot:
+    """A share of likes that go to a few posts, and of follows to a few users: what every shard
+    counts at once when something goes viral."""
+
+    posts: int = 0  # posts by outsiders, made up once
+    users: int = 0  # the first generated authors
+    share: float = 0.0  # of likes (to a hot post) and of follows (to a hot user)
+
+
+def hot_targets(seed: int, hot: Hot) -> tuple[list[dict[str, str]], list[str]]:
+    """The hot posts ({"cid", "uri"}, by outsiders) and hot users (the first authors) of a replay.
+
+    Made without the random stream, so a replay without hot targets stays byte for byte."""
+    posts = [{"cid": cid_string(int.from_bytes(hashlib.sha256(f"hot:{seed}:{i}".encode()).digest(),
+                                               "big")),
+              "uri": f"at://{_plc(f'ext:{seed}:{i}'.encode())}/{POST}/"
+                     f"{tid(START_US - 86_400_000_000, i)}"}
+             for i in range(hot.posts)]
+    return posts, did_list(hot.users, seed)
+
+
 @dataclass(slots=True)
 class _Author:
     """What the generator remembers of one author: enough to delete and update consistently."""
@@ -171,10 +193,12 @@ class _Author:
 class _Generator:
     """Holds the random stream and the state that makes deletes and replies refer back."""
 
-    def __init__(self, n_dids: int, seed: int) -> None:
+    def __init__(self, n_dids: int, seed: int, hot: Hot = Hot()) -> None:
         self.rng = random.Random(seed)
         self.authors = [_Author(d, i % 1024) for i, d in enumerate(did_list(n_dids, seed))]
         self.outsiders = [_plc(f"ext:{seed}:{i}".encode()) for i in range(4096)]
+        self.hot_posts, self.hot_users = hot_targets(seed, hot)
+        self.hot_share = hot.share
         self.recent_posts: list[dict[str, str]] = []  # {"cid", "uri"} of generated posts
         self.us = START_US
         self.seq = START_SEQ
@@ -269,7 +293,10 @@ class _Generator:
 
     # --- actions, one per MIX entry -----------------------------------------------------------
     def _like(self, a: _Author) -> dict[str, Any]:
-        fields: dict[str, Any] = {"subject": self._post_ref()}
+        hot = bool(self.hot_posts) and self.rng.random() < self.hot_share
+        fields: dict[str, Any] = {
+            "subject": self.hot_posts[int(self.rng.random() * len(self.hot_posts))] if hot
+            else self._post_ref()}
         if self.rng.random() < 0.2:
             via = tid(self.us - 60_000_000, int(self.rng.random() * 1024))
             fields["via"] = {"cid": self._cid(), "uri": f"at://{self._other_did()}/{REPOST}/{via}"}
@@ -279,6 +306,9 @@ class _Generator:
         return self._create(a, REPOST, {"subject": self._post_ref()})
 
     def _follow(self, a: _Author) -> dict[str, Any]:
+        if self.hot_users and self.rng.random() < self.hot_share:
+            return self._create(a, FOLLOW, {
+                "subject": self.hot_users[int(self.rng.random() * len(self.hot_users))]})
         return self._create(a, FOLLOW, {"subject": self._other_did()})
 
     def _block(self, a: _Author) -> dict[str, Any]:
@@ -357,23 +387,27 @@ class _Generator:
         return {"did": a.did, "time_us": self.us, "kind": "account", "account": body}
 
 
-def generate_events(n_events: int, n_dids: int, seed: int = 0) -> Iterator[bytes]:
+def generate_events(n_events: int, n_dids: int, seed: int = 0,
+                    hot: Hot = Hot()) -> Iterator[bytes]:
     """Yields `n_events` compact JSON lines (no newline) by `n_dids` authors.
 
     Same arguments, same bytes, so replays are reproducible.
     """
     if n_dids < 1:
         raise ValueError("n_dids must be at least 1")
-    return _Generator(n_dids, seed).events(n_events)
+    if hot.users > n_dids:
+        raise ValueError("hot users are generated authors: at most n_dids of them")
+    return _Generator(n_dids, seed, hot).events(n_events)
 
 
-def write_replay(path: str | Path, n_events: int, n_dids: int, seed: int = 0) -> int:
+def write_replay(path: str | Path, n_events: int, n_dids: int, seed: int = 0,
+                 hot: Hot = Hot()) -> int:
     """Writes a replay file (gzip when the name ends in .gz); returns the bytes of JSON written."""
     path = Path(path)
     opener = (lambda: gzip.open(path, "wb", compresslevel=1)) if path.suffix == ".gz" \
         else (lambda: open(path, "wb"))
     written = 0
-    events = generate_events(n_events, n_dids, seed)
+    events = generate_events(n_events, n_dids, seed, hot)
     with opener() as out:
         while chunk := list(itertools.islice(events, 20_000)):
             data = b"\n".join(chunk) + b"\n"
@@ -400,17 +434,29 @@ def _frame(event: dict[str, Any], seq: int, keys: dict[str, Any], seed: int) -> 
     return frame(f"#{event['kind']}", body)
 
 
-def write_frames(path: str | Path, n_events: int, n_dids: int, seed: int = 0) -> int:
+def write_frames(path: str | Path, n_events: int, n_dids: int, seed: int = 0,
+                 hot: Hot = Hot()) -> int:
     """Writes the events of `write_replay` as a firehose recording of signed frames
     (`[u32 LE length][frame]`, uncompressed); returns the bytes written."""
     keys: dict[str, Any] = {}
     written = 0
     with open(path, "wb") as out:
-        for seq, line in enumerate(generate_events(n_events, n_dids, seed), START_SEQ):
+        for seq, line in enumerate(generate_events(n_events, n_dids, seed, hot), START_SEQ):
             data = _frame(orjson.loads(line), seq, keys, seed)
             out.write(len(data).to_bytes(4, "little") + data)
             written += 4 + len(data)
     return written
+
+
+def hot_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--hot-posts, --hot-users and --hot-share, for this command and the benchmark."""
+    f = click.option("--hot-share", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+                     help="Share of likes that go to a hot post, and of follows to a hot user.")(f)
+    f = click.option("--hot-users", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Hot users (the first generated authors) that many follow.")(f)
+    f = click.option("--hot-posts", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Hot posts that many like (from every shard at once).")(f)
+    return f
 
 
 @click.command()
@@ -424,15 +470,17 @@ def write_frames(path: str | Path, n_events: int, n_dids: int, seed: int = 0) ->
 @click.option("--profiles", type=click.Path(dir_okay=False), default=None,
               help="Also write the authors' profile records (JSON object keyed by DID), for "
                    "tools.fake_pds.")
+@hot_options
 def main(n_events: int, n_dids: int, seed: int, out: str, docs: str | None,
-         profiles: str | None) -> None:
+         profiles: str | None, hot_posts: int, hot_users: int, hot_share: float) -> None:
     """Generate a deterministic Jetstream v1 replay file."""
     started = time.perf_counter()
+    hot = Hot(hot_posts, hot_users, hot_share)
     if out == "-":
-        for line in generate_events(n_events, n_dids, seed):
+        for line in generate_events(n_events, n_dids, seed, hot):
             sys.stdout.buffer.write(line + b"\n")
     else:
-        write_replay(out, n_events, n_dids, seed)
+        write_replay(out, n_events, n_dids, seed, hot)
     if docs:
         Path(docs).write_bytes(orjson.dumps(did_documents(n_dids, seed)))
     if profiles:
