@@ -6,14 +6,11 @@ from typing import Any
 
 import orjson
 
-from shards.syntax import is_did, is_nsid, is_record_key
+from shards.syntax import is_collection, is_did, is_record_key
 
 MAX_LINE_BYTES = 1 << 20
 KINDS = ("commit", "identity", "account")
 OPERATIONS = ("create", "update", "delete")
-
-
-_COLLECTIONS: set[str] = set()  # collections already found valid
 
 
 class BadEvent(ValueError):
@@ -89,12 +86,8 @@ def decode(raw: bytes, batch: int, idx: int, position: int) -> Event:
         op = commit.get("operation")
         if op not in OPERATIONS:
             raise BadEvent("commit with missing or unknown operation")
-        collection = commit.get("collection")
-        if collection not in _COLLECTIONS:
-            if not is_nsid(collection):
-                raise BadEvent("commit with missing or invalid collection")
-            if len(_COLLECTIONS) < 10_000:  # a handful in practice; bounded all the same
-                _COLLECTIONS.add(collection)
+        if not is_collection(commit.get("collection")):
+            raise BadEvent("commit with missing or invalid collection")
         if not is_record_key(commit.get("rkey")):
             raise BadEvent("commit with missing or invalid rkey")
         event.operation, event.collection, event.rkey = op, commit["collection"], commit["rkey"]

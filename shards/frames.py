@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from shards.events import OPERATIONS, BadEvent, Event
+from shards.events import BadEvent, Event
 from shards.firehose.frames import BadFrame, parse_frame
 from shards.firehose.keys import SigningKey, signing_key
 from shards.firehose.verify import (
     Commit,
+    Op,
     VerificationError,
     read_commit,
     read_sync,
@@ -27,7 +28,6 @@ from shards.firehose.verify import (
     verify_signature,
 )
 from shards.identity.directory import Identity
-from shards.syntax import is_nsid, is_record_key
 
 KINDS = {"#commit": "commit", "#identity": "identity", "#account": "account"}
 KEY_UNAVAILABLE = "key unavailable"
@@ -55,13 +55,10 @@ class FrameEvent:
     seq: int | None
     time: str | None
     rev: str | None = None
-    commit: Commit | None = None  # a #commit's, or a #sync's (no ops)
+    commit: Commit | None = None  # a #commit's, or a #sync's (no ops); dropped once verified
+    needs_key: bool = False  # a #commit or #sync: its signature is checked with the author's key
     events: list[Event] = field(default_factory=list)
     refetched: bool = False  # its author's document was fetched again after a bad signature
-
-    @property
-    def needs_key(self) -> bool:
-        return self.commit is not None
 
 
 def decode(raw: bytes, batch: int, idx: int, position: int) -> FrameEvent:
@@ -77,12 +74,13 @@ def decode(raw: bytes, batch: int, idx: int, position: int) -> FrameEvent:
         if body.get("tooBig"):
             raise BadEvent("tooBig: the relay left this commit's blocks out")
         try:
-            fe.commit = (read_commit if frame.kind == "#commit" else read_sync)(body)
+            fe.commit = (read_commit(body, checked=True) if frame.kind == "#commit"
+                         else read_sync(body))
         except VerificationError as exc:
             raise Refused(exc.check, str(exc)) from None
         except BadFrame as exc:
             raise BadEvent(str(exc)) from None
-        fe.rev = fe.commit.rev
+        fe.rev, fe.needs_key = fe.commit.rev, True
         fe.events = [_op_event(fe, op) for op in fe.commit.ops]
     elif kind is not None:
         ev = Event(batch, idx, position, raw, frame.did or "", kind)
@@ -93,21 +91,11 @@ def decode(raw: bytes, batch: int, idx: int, position: int) -> FrameEvent:
     return fe
 
 
-def _op_event(fe: FrameEvent, op: Any) -> Event:
-    """A commit's operation as the Event a Jetstream line of it would give."""
-    if op.action not in OPERATIONS:
-        raise BadEvent(f"commit with unknown operation: {str(op.action)[:40]}")
-    if not is_nsid(op.collection):
-        raise BadEvent("commit with missing or invalid collection")
-    if not is_record_key(op.rkey):
-        raise BadEvent("commit with missing or invalid rkey")
-    ev = Event(fe.batch, fe.idx, fe.position, fe.raw, fe.did or "", "commit", op.action,
-               op.collection, op.rkey)
-    if op.action != "delete":
-        if not isinstance(op.record, dict):
-            raise BadEvent("record is not an object")
-        ev.record, ev.cid = op.record, op.cid
-    return ev
+def _op_event(fe: FrameEvent, op: Op) -> Event:
+    """A commit's operation as the Event a Jetstream line of it would give (read_commit has
+    checked its action, collection, rkey and record)."""
+    return Event(fe.batch, fe.idx, fe.position, fe.raw, fe.did or "", "commit", op.action,
+                 op.collection, op.rkey, op.cid, op.record)
 
 
 @dataclass(slots=True)

@@ -33,6 +33,20 @@ def is_nsid(value: object) -> bool:
     return isinstance(value, str) and len(value) <= 317 and _NSID.fullmatch(value) is not None
 
 
+_COLLECTIONS: set[str] = set()  # NSIDs already found valid as collections
+
+
+def is_collection(value: object) -> bool:
+    """is_nsid, remembered: an event's collection is one of a handful, checked per event."""
+    if type(value) is str and value in _COLLECTIONS:
+        return True
+    if not is_nsid(value):
+        return False
+    if len(_COLLECTIONS) < 10_000:  # a handful in practice; bounded all the same
+        _COLLECTIONS.add(value)  # type: ignore[arg-type]
+    return True
+
+
 def is_record_key(value: object) -> bool:
     if isinstance(value, str) and len(value) <= 512 and value.isascii() and value.isalnum():
         return True  # the common case (TIDs), without the regex

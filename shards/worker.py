@@ -368,6 +368,9 @@ class ShardWorker:
                 self.frames.failures[failed.split(":")[0]] += 1
                 self._dead(txn, fe.batch, fe.idx, fe.position, fe.raw, failed)
                 return
+        # Verified (or not to be): the blocks are not needed any more, and a transaction holds
+        # hundreds of frames (letting them go now saved 5% of the CPU of a frame)
+        fe.commit = None
         if fe.rev is not None or fe.kind == "#account":
             self._repo_state(fe.did or "")
         skipped = self.frames.admit(fe)

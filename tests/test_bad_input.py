@@ -29,6 +29,8 @@ BAD: list[tuple[bytes, str]] = [
     (orjson.dumps({"did": GOOD_DID, "kind": "sync"}), "unknown kind"),
     (orjson.dumps({"did": GOOD_DID, "kind": "commit", "commit": {"operation": "create"}}),
      "commit with missing or invalid collection"),
+    (orjson.dumps(like("3l3qo2vutsw23", collection=["app.bsky.feed.like"])),
+     "commit with missing or invalid collection"),
     (orjson.dumps(like("3l3qo2vutsw20", cid=None)), "commit missing cid"),
     (orjson.dumps(like("3l3qo2vutsw21", record="just text")), "record is not an object"),
     (orjson.dumps(like("3l3qo2vutsw22", record={"text": "a\u0000b"})), "NUL character in text"),

@@ -16,6 +16,7 @@ import libipld
 DAG_CBOR_PREFIX = b"\x01\x71\x12\x20"
 RAW_PREFIX = b"\x01\x55\x12\x20"
 CID_LENGTH = 36
+_SCALARS = frozenset({str, int, bool, float, type(None)})  # the same in JSON
 
 
 def is_link(value: bytes) -> bool:
@@ -52,10 +53,10 @@ def to_json(value: Any) -> Any:
     Blobs keep their shape ({"$type": "blob", "ref": {"$link": ...}, "mimeType", "size"});
     map keys keep their DAG-CBOR order (JSON consumers and jsonb do not depend on it)."""
     kind = type(value)
-    if kind is dict:
-        return {k: to_json(v) for k, v in value.items()}
+    if kind is dict:  # strings and numbers, most values, are kept without a call
+        return {k: v if type(v) in _SCALARS else to_json(v) for k, v in value.items()}
     if kind is list:
-        return [to_json(v) for v in value]
+        return [v if type(v) in _SCALARS else to_json(v) for v in value]
     if kind is bytes:
         if is_link(value):
             return {"$link": libipld.encode_cid(value)}

@@ -8,10 +8,10 @@ from typing import Any
 
 import libipld
 
-from shards.syntax import is_nsid, is_record_key, is_tid
+from shards.syntax import is_collection, is_record_key, is_tid
 
 from . import mst
-from .car import Blocks, check_blocks, hashes_to, read_car
+from .car import Blocks, CarBlocks, check_blocks, hashes_to, read_car
 from .datamodel import cid_str, to_json
 from .errors import VerificationError
 from .frames import BadFrame, check_body
@@ -48,12 +48,19 @@ class Commit:
     did: str
     rev: str
     since: str | None
-    commit_cid: str
+    _commit: bytes = field(repr=False)
     too_big: bool
     ops: list[Op]
-    data_cid: str | None = None
     _blocks: Blocks = field(default_factory=dict, repr=False, compare=False)
     _signed: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def commit_cid(self) -> str:
+        return cid_str(self._commit)
+
+    @property
+    def data_cid(self) -> str | None:
+        return cid_str(self._signed["data"]) if self._signed else None
 
 
 @dataclass
@@ -71,33 +78,34 @@ def _split_path(path: Any) -> tuple[str, str] | None:
     if not isinstance(path, str):
         return None
     collection, _, rkey = path.partition("/")
-    if is_nsid(collection) and is_record_key(rkey):
+    if is_collection(collection) and is_record_key(rkey):
         return collection, rkey
     return None
 
 
 def _op(raw: Any) -> Op:
-    if not isinstance(raw, dict) or raw.get("action") not in ACTIONS:
+    action = raw.get("action") if isinstance(raw, dict) else None
+    if action not in ACTIONS:
         raise BadFrame("commit op with missing or unknown action")
     parts = _split_path(raw.get("path"))
     if parts is None:
         raise BadFrame("commit op with missing or invalid path")
-    if raw["action"] == "delete":
-        return Op("delete", parts[0], parts[1], None, None)
+    if action == "delete":
+        return Op(action, parts[0], parts[1], None, None)
     cid = raw.get("cid")
     if type(cid) is not bytes:
-        raise BadFrame(f"commit {raw['action']} without a cid")
-    return Op(raw["action"], parts[0], parts[1], None, None, cid)
+        raise BadFrame(f"commit {action} without a cid")
+    return Op(action, parts[0], parts[1], None, None, cid)
 
 
-def _signed_commit(blocks: Blocks, cid: bytes, did: str, rev: str | None,
+def _signed_commit(blocks: CarBlocks, cid: bytes, did: str, rev: str | None,
                    hashed: bool = False) -> dict[str, Any]:
-    """The commit object under `cid`: present, hashing to it (unless already `hashed`), signed,
-    naming `did` (and `rev`)."""
-    signed = blocks.get(cid)
-    if signed is None or not (hashed or hashes_to(cid, signed)):
+    """The commit object under `cid`: present, hashing to it (unless all blocks were `hashed`),
+    signed, naming `did` and `rev` (a valid TID, or None for any valid one)."""
+    if not (cid in blocks.raw if hashed else hashes_to(cid, blocks.raw.get(cid, b""))):
         raise VerificationError("commit hash", "the commit block is missing or does not hash "
                                                "to its CID")
+    signed = blocks.get(cid)
     if (not isinstance(signed, dict) or type(signed.get("data")) is not bytes
             or type(signed.get("sig")) is not bytes or not isinstance(signed.get("did"), str)):
         raise VerificationError("repo", "not a signed commit object")
@@ -105,32 +113,34 @@ def _signed_commit(blocks: Blocks, cid: bytes, did: str, rev: str | None,
         raise VerificationError("repo", f"unsupported version {signed.get('version')!r:.20}")
     if signed["did"] != did:
         raise VerificationError("repo", f"the commit is signed for {signed['did'][:200]}")
-    if not is_tid(signed.get("rev")) or (rev is not None and signed["rev"] != rev):
+    if signed.get("rev") != rev if rev is not None else not is_tid(signed.get("rev")):
         raise VerificationError("repo", "the commit's rev is invalid or not the frame's")
     return signed
 
 
-def read_commit(body: dict[str, Any]) -> Commit:
+def read_commit(body: dict[str, Any], checked: bool = False) -> Commit:
     """Decodes a #commit body and checks what needs no key: the commit block hashes to
     body["commit"] and names body["repo"] and body["rev"], every block of the CAR hashes to its
     CID, every create and update has its record block. A tooBig commit comes back with
-    too_big=True and no ops, unread.
+    too_big=True and no ops, unread. `checked`: parse_frame has checked the body's fields.
 
     Raises BadFrame (missing fields, bad ops) or VerificationError ("commit hash", "repo",
     "record hash", "tree", "car")."""
-    check_body("#commit", body)
+    if not checked:
+        check_body("#commit", body)
     did, rev = body["repo"], body["rev"]
     if not is_tid(rev):
         raise BadFrame("commit with invalid rev")
-    since = body.get("since") if isinstance(body.get("since"), str) else None
+    since = body.get("since")
+    since = since if isinstance(since, str) else None
     commit_cid = body["commit"]
     if body.get("tooBig") is True:
-        return Commit(did, rev, since, cid_str(commit_cid), True, [])
+        return Commit(did, rev, since, commit_cid, True, [])
     ops = [_op(raw) for raw in body["ops"]]
-    _, blocks = read_car(body["blocks"])
-    roles = {op._cid: "record hash" for op in ops if op._cid is not None}
-    roles[commit_cid] = "commit hash"
-    check_blocks(blocks, roles, "tree")
+    _, raw_blocks = read_car(body["blocks"])
+    check_blocks(raw_blocks, lambda cid: "commit hash" if cid == commit_cid else "record hash"
+                 if any(op._cid == cid for op in ops) else "tree")
+    blocks = CarBlocks(raw_blocks)
     signed = _signed_commit(blocks, commit_cid, did, rev, hashed=True)
     for op in ops:
         if op._cid is None:
@@ -145,21 +155,22 @@ def read_commit(body: dict[str, Any]) -> Commit:
             op.cid, op.record = cid_str(op._cid), to_json(record)
         except RecursionError:
             raise BadFrame("record nested too deep") from None
-    return Commit(did, rev, since, cid_str(commit_cid), False, ops, cid_str(signed["data"]),
-                  blocks, signed)
+    return Commit(did, rev, since, commit_cid, False, ops, blocks, signed)
 
 
 def read_sync(body: dict[str, Any]) -> Commit:
     """Decodes a #sync body (a CAR holding only the signed commit) for verify_signature; raises
     BadFrame or VerificationError ("car", "commit hash", "repo")."""
     check_body("#sync", body)
-    roots, blocks = read_car(body["blocks"])
+    if not is_tid(body["rev"]):
+        raise BadFrame("sync with invalid rev")
+    roots, raw_blocks = read_car(body["blocks"])
     if not roots:
         raise VerificationError("car", "the CAR has no root")
-    check_blocks(blocks, {roots[0]: "commit hash"}, "car")
+    check_blocks(raw_blocks, lambda cid: "commit hash" if cid == roots[0] else "car")
+    blocks = CarBlocks(raw_blocks)
     signed = _signed_commit(blocks, roots[0], body["did"], body["rev"], hashed=True)
-    return Commit(body["did"], body["rev"], None, cid_str(roots[0]), False, [],
-                  cid_str(signed["data"]), blocks, signed)
+    return Commit(body["did"], body["rev"], None, roots[0], False, [], blocks, signed)
 
 
 def verify_signature(commit: Commit, key: SigningKey) -> None:
@@ -167,7 +178,8 @@ def verify_signature(commit: Commit, key: SigningKey) -> None:
     over the DAG-CBOR of the commit object without its `sig`."""
     if not commit._signed:
         raise VerificationError("signature", "a tooBig commit carries nothing to verify")
-    unsigned = {k: v for k, v in commit._signed.items() if k != "sig"}
+    unsigned = dict(commit._signed)
+    del unsigned["sig"]
     if not key.verify(libipld.encode_dag_cbor(unsigned), commit._signed["sig"]):
         raise VerificationError("signature", "does not verify with the #atproto key")
 
@@ -193,12 +205,12 @@ def read_repo(car: bytes, did: str, key: SigningKey,
     and well formed. Gives exactly the records it reaches (of `collections`, when given).
 
     Raises VerificationError ("car", "commit hash", "repo", "signature", "tree", "record hash")."""
-    roots, blocks = read_car(car)
+    roots, raw_blocks = read_car(car)
     if not roots:
         raise VerificationError("car", "the CAR has no root")
+    blocks = CarBlocks(raw_blocks)
     signed = _signed_commit(blocks, roots[0], did, None)
-    commit = Commit(did, signed["rev"], None, cid_str(roots[0]), False, [],
-                    cid_str(signed["data"]), blocks, signed)
+    commit = Commit(did, signed["rev"], None, roots[0], False, [], blocks, signed)
     verify_signature(commit, key)
     records: list[tuple[str, str, str, dict[str, Any]]] = []
     roles = {roots[0]: "commit hash"}
@@ -219,5 +231,5 @@ def read_repo(car: bytes, did: str, key: SigningKey,
             records.append((parts[0], parts[1], cid_str(cid), to_json(record)))
         except RecursionError:
             raise VerificationError("car", f"{path.decode()} is nested too deep") from None
-    check_blocks(blocks, roles, "tree")
+    check_blocks(raw_blocks, lambda cid: roles.get(cid, "tree"))
     return Repo(did, signed["rev"], cid_str(signed["data"]), cid_str(roots[0]), records)

@@ -274,10 +274,14 @@ def _apply_rest(cur: psycopg.Cursor, changes: Changes) -> None:
             (list(changes.identities),),
         )
     if changes.revs:  # a rev only moves forward, whoever wrote the one there (backfill too)
-        cur.executemany(
-            "INSERT INTO repo_revs (did, rev) VALUES (%s, %s) ON CONFLICT (did) DO UPDATE"
-            " SET rev = EXCLUDED.rev, updated_at = now() WHERE repo_revs.rev < EXCLUDED.rev",
-            sorted(changes.revs.items()),
+        # One statement over arrays, in DID order: a statement per row cost 16 us of CPU a
+        # commit between psycopg and the server, this about 8.
+        dids = sorted(changes.revs)
+        cur.execute(
+            "INSERT INTO repo_revs (did, rev) SELECT * FROM unnest(%s::text[], %s::text[])"
+            " ON CONFLICT (did) DO UPDATE SET rev = EXCLUDED.rev, updated_at = now()"
+            " WHERE repo_revs.rev < EXCLUDED.rev",
+            (dids, [changes.revs[did] for did in dids]),
         )
     if changes.dead:
         cur.executemany(DEAD_LETTER, changes.dead)
