@@ -8,6 +8,9 @@ from typing import Any
 
 import orjson
 import psycopg
+from psycopg import postgres
+from psycopg.adapt import Dumper
+from psycopg.pq import Format
 
 from shards.events import Event
 from shards.store.fence import Fence
@@ -30,6 +33,16 @@ COLUMNS = {
     "records": ("uri", "cid", "author_did", "collection", "record"),
 }
 USER_COLUMNS = ("did", "handle", "incomplete", "handle_verified", "pds", "resolve_error")
+# The PostgreSQL types of those columns, in order: rows are COPYed in binary format.
+TYPES = {
+    "posts": ("text",) * 6 + ("text[]", "jsonb", "timestamptz"),
+    "likes": ("text",) * 5 + ("timestamptz",),
+    "reposts": ("text",) * 5 + ("timestamptz",),
+    "follows": ("text",) * 4 + ("timestamptz",),
+    "blocks": ("text",) * 4 + ("timestamptz",),
+    "records": ("text",) * 4 + ("jsonb",),
+    "users": ("text", "text", "bool", "bool", "text", "text"),
+}
 
 
 def _str(value: Any) -> str | None:
@@ -47,8 +60,20 @@ def _time(value: Any) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
-def _json(value: Any) -> str | None:
-    return None if value is None else orjson.dumps(value).decode()
+def _json(value: Any) -> bytes | None:
+    """A jsonb value as binary COPY sends it: the format's version (1), then the JSON text."""
+    return None if value is None else b"\x01" + orjson.dumps(value)
+
+
+class JsonbBinary(Dumper):
+    """A jsonb value `_json` encoded already, for binary COPY (psycopg's own jsonb dumper would
+    encode the JSON text again, as a JSON string)."""
+
+    format = Format.BINARY
+    oid = postgres.types["jsonb"].oid
+
+    def dump(self, obj: bytes) -> bytes:
+        return obj
 
 
 def _blob_cid(value: Any) -> str | None:
@@ -156,20 +181,25 @@ DEAD_LETTER = ("INSERT INTO dead_letters (source, position, raw, error) VALUES (
 
 
 def prepare_connection(conn: psycopg.Connection) -> None:
-    """Readies a session (pool `configure` hook): its staging tables, and a plan per execution.
+    """Readies a session (pool `configure` hook): staging tables, jsonb for binary COPY, and a
+    plan per execution.
 
     psycopg prepares a statement run five times, and PostgreSQL then keeps one generic plan for
     it. Planned while `users` or a record table was still small (a fresh database, a rebuild),
     that plan scans the whole table for `did = ANY(...)` or `uri = ANY(...)` and keeps doing
     so as the table grows: 140 ms per lookup at 100,000 users instead of 0.3 ms by the index."""
     conn.execute("SET plan_cache_mode = force_custom_plan")
+    conn.adapters.register_dumper(None, JsonbBinary)  # COPY's jsonb columns only
     for sql in STAGING:
         conn.execute(sql)
     conn.commit()
 
 
-def _copy(cur: psycopg.Cursor, table: str, columns: tuple[str, ...], rows: Any) -> None:
-    with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+def _copy(cur: psycopg.Cursor, table: str, kind: str, rows: Any) -> None:
+    """COPY in binary format (a third of the client's CPU of text format per row)."""
+    columns = USER_COLUMNS if kind == "users" else COLUMNS[kind]
+    with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)") as copy:
+        copy.set_types(TYPES[kind])
         for row in rows:
             copy.write_row(row)
 
@@ -211,20 +241,20 @@ class Writer:
             _apply_rest(cur, changes)
 
 
-def _tables(changes: Changes) -> list[tuple[str, tuple[str, ...], Any]]:
-    """(table, columns, rows) of every table with rows to write, users first."""
-    found = [("users", USER_COLUMNS, changes.users)] if changes.users else []
-    return found + [(t, COLUMNS[t], rows.values()) for t, rows in changes.upserts.items() if rows]
+def _tables(changes: Changes) -> list[tuple[str, Any]]:
+    """(table, rows) of every table with rows to write, users first."""
+    found = [("users", changes.users)] if changes.users else []
+    return found + [(t, rows.values()) for t, rows in changes.upserts.items() if rows]
 
 
 def _copy_direct(cur: psycopg.Cursor, changes: Changes) -> None:
-    for table, cols, rows in _tables(changes):
-        _copy(cur, table, cols, rows)
+    for table, rows in _tables(changes):
+        _copy(cur, table, table, rows)
 
 
 def _merge(cur: psycopg.Cursor, changes: Changes) -> None:
-    for table, cols, rows in _tables(changes):
-        _copy(cur, f"stage_{table}", cols, rows)
+    for table, rows in _tables(changes):
+        _copy(cur, f"stage_{table}", table, rows)
         cur.execute(MERGE[table])
 
 
