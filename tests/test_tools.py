@@ -71,6 +71,17 @@ def test_hot_posts_and_users_take_their_share_and_change_nothing_when_off() -> N
     assert users == did_list(1_000, seed=7)[:3]
 
 
+def test_a_hot_author_takes_its_share_of_the_events() -> None:
+    first = did_list(1_000, seed=7)[0]
+    plain = Counter(orjson.loads(line)["did"] for line in generate_events(20_000, 1_000, seed=7))
+    skewed = Counter(orjson.loads(line)["did"]
+                     for line in generate_events(20_000, 1_000, seed=7, hot=Hot(author=0.15)))
+    assert sum(skewed.values()) == 20_000
+    share = (skewed[first] - plain[first] * 0.85) / 20_000  # its own events, less those replaced
+    assert 0.14 < share < 0.16
+    assert skewed.most_common(1)[0][0] == first
+
+
 @dataclass
 class Stats:
     """What one pass over a generated stream saw."""

@@ -21,6 +21,7 @@ both` alternates the two in each run and reports the firehose's share of Jetstre
 
 `--hot-posts 5 --hot-share 0.3` sends 30% of the likes to five posts (and `--hot-users`, that share
 of the follows to a few users): what every shard counts at once when a post goes viral.
+`--hot-author 0.15` gives 15% of all events to one author: one shard gets them all.
 
 Targets (2 cores, 8 shards): healthy events/s >= 0.25 of the schema-shaped COPY's rows/s, on 200k
 and 1M events; slow (10% of DIDs hanging) >= 85% of healthy; down >= 90% of healthy; peak RSS
@@ -103,7 +104,8 @@ def ensure_data(data_dir: Path, n_events: int, n_dids: int, seed: int,
     )
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    tag = f"-hot-{hot.posts}-{hot.users}-{hot.share}" if hot != Hot() else ""
+    tag = (f"-hot-{hot.posts}-{hot.users}-{hot.share}" if hot.posts or hot.users or hot.share
+           else "") + (f"-author-{hot.author}" if hot.author else "")
     files = DataFiles(events=data_dir / f"events-{n_events}-{n_dids}-{seed}{tag}.jsonl",
                       docs=data_dir / f"docs-keys-{n_dids}-{seed}.json",
                       dns=data_dir / f"dns-pds-{n_dids}-{seed}.json",
@@ -741,7 +743,8 @@ def _raise_interrupt(signum: int, _frame: object) -> None:
 def main(n_events: int, n_dids: int, seed: int, shards: int, pool_budget: int, profile: str,
          slow_fraction: float, runs: int, fmt: str, profiles_mode: str, dsn: str | None,
          data_dir: str | None, json_out: str | None, timeout: float,
-         extra: tuple[str, ...], hot_posts: int, hot_users: int, hot_share: float) -> None:
+         extra: tuple[str, ...], hot_posts: int, hot_users: int, hot_share: float,
+         hot_author: float) -> None:
     """Benchmark `pipeline run --replay` end to end against a raw COPY on the same server."""
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_interrupt)
@@ -753,7 +756,7 @@ def main(n_events: int, n_dids: int, seed: int, shards: int, pool_budget: int, p
     echo = lambda msg: click.echo(msg, err=True)  # noqa: E731
     try:
         formats = ["jetstream", "firehose"] if fmt == "both" else [fmt]
-        hot = Hot(hot_posts, hot_users, hot_share)
+        hot = Hot(hot_posts, hot_users, hot_share, hot_author)
         files = ensure_data(Path(data_dir) if data_dir else scratch / "data", n_events, n_dids,
                             seed, echo=echo, frames="firehose" in formats, hot=hot)
         if dsn is None:
@@ -773,7 +776,8 @@ def main(n_events: int, n_dids: int, seed: int, shards: int, pool_budget: int, p
                    f"{pool_budget}, PLC {profile}"
                    + (f" ({slow_fraction:.0%} hanging)" if profile == "slow" else "")
                    + (f", {hot_share:.0%} of likes to {hot_posts} posts and of follows to "
-                      f"{hot_users} users" if hot != Hot() else "")
+                      f"{hot_users} users" if hot_share else "")
+                   + (f", {hot_author:.0%} of the events by one author" if hot_author else "")
                    + f", profiles {profiles_mode}, {runs} round(s) of {len(variants)} run(s),"
                    f" {os.cpu_count()} CPUs")
         for i in range(1, runs + 1):

@@ -161,11 +161,13 @@ def profile_records(n_dids: int, seed: int = 0, share: float = 0.8) -> dict[str,
 @dataclass(frozen=True)
 class Hot:
     """A share of likes that go to a few posts, and of follows to a few users: what every shard
-    counts at once when something goes viral."""
+    counts at once when something goes viral; and a share of all events by one author, which
+    all go to one shard."""
 
     posts: int = 0  # posts by outsiders, made up once
     users: int = 0  # the first generated authors
     share: float = 0.0  # of likes (to a hot post) and of follows (to a hot user)
+    author: float = 0.0  # of all events, by the first generated author
 
 
 def hot_targets(seed: int, hot: Hot) -> tuple[list[dict[str, str]], list[str]]:
@@ -199,6 +201,8 @@ class _Generator:
         self.outsiders = [_plc(f"ext:{seed}:{i}".encode()) for i in range(4096)]
         self.hot_posts, self.hot_users = hot_targets(seed, hot)
         self.hot_share = hot.share
+        self.hot_author = hot.author
+        self.seed = seed
         self.recent_posts: list[dict[str, str]] = []  # {"cid", "uri"} of generated posts
         self.us = START_US
         self.seq = START_SEQ
@@ -221,6 +225,10 @@ class _Generator:
         if everyone:
             seq += self.authors
             self.rng.shuffle(seq)
+        if self.hot_author:  # drawn apart, so the rest of the replay is the one without
+            hot = random.Random(f"hot-author:{self.seed}")
+            for i in hot.sample(range(len(seq)), round(len(seq) * self.hot_author)):
+                seq[i] = self.authors[0]
         return seq
 
     def events(self, n_events: int) -> Iterator[bytes]:
@@ -449,7 +457,10 @@ def write_frames(path: str | Path, n_events: int, n_dids: int, seed: int = 0,
 
 
 def hot_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """--hot-posts, --hot-users and --hot-share, for this command and the benchmark."""
+    """--hot-posts, --hot-users, --hot-share and --hot-author, for this command and the
+    benchmark."""
+    f = click.option("--hot-author", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+                     help="Share of all events given to one author (the first, besides its own).")(f)
     f = click.option("--hot-share", type=click.FloatRange(0, 1), default=0.0, show_default=True,
                      help="Share of likes that go to a hot post, and of follows to a hot user.")(f)
     f = click.option("--hot-users", type=click.IntRange(min=0), default=0, show_default=True,
@@ -472,10 +483,11 @@ def hot_options(f: Callable[..., Any]) -> Callable[..., Any]:
                    "tools.fake_pds.")
 @hot_options
 def main(n_events: int, n_dids: int, seed: int, out: str, docs: str | None,
-         profiles: str | None, hot_posts: int, hot_users: int, hot_share: float) -> None:
+         profiles: str | None, hot_posts: int, hot_users: int, hot_share: float,
+         hot_author: float) -> None:
     """Generate a deterministic Jetstream v1 replay file."""
     started = time.perf_counter()
-    hot = Hot(hot_posts, hot_users, hot_share)
+    hot = Hot(hot_posts, hot_users, hot_share, hot_author)
     if out == "-":
         for line in generate_events(n_events, n_dids, seed, hot):
             sys.stdout.buffer.write(line + b"\n")
