@@ -6,6 +6,7 @@ import re
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -32,7 +33,7 @@ def replay_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def clean_digest(server_dsn: str, replay_file: Path, net: tuple) -> Iterator[dict[str, str]]:
     """The content a clean run leaves: what every faulty run must end with too."""
-    with database(server_dsn, "t_clean_delivery") as dsn:
+    with database(server_dsn, f"t_clean_{uuid.uuid4().hex[:12]}") as dsn:
         result = run_pipeline(*args(dsn, replay_file, net))
         assert result.returncode == 0, result.stderr
         assert f"committed         {EVENTS}" in result.stdout

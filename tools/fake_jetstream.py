@@ -274,23 +274,29 @@ def _is_int(value: str) -> bool:
     return True
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Serves a file until interrupted."""
-    parser = argparse.ArgumentParser(
-        prog="python -m tools.fake_jetstream", description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--file", required=True, help="Jetstream JSON-lines recording")
+def serve_cli(argv: Sequence[str] | None, server_class: type[FakeJetstream], prog: str,
+              description: str, file_help: str, port: int, unit: str) -> None:
+    """The command line of a stream stub: serves a recording until interrupted."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--file", required=True, help=file_help)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
-    parser.add_argument("--port", type=int, default=6008, help="port (6008, 0: any free one)")
+    parser.add_argument("--port", type=int, default=port, help=f"port ({port}, 0: any free one)")
     parser.add_argument("--drop-after", type=int, action="append", default=[], metavar="K",
-                        help="cut the n-th connection after K messages (repeat for later ones)")
+                        help=f"cut the n-th connection after K {unit} (repeat for later ones)")
     args = parser.parse_args(argv)
-    server = FakeJetstream(args.file, host=args.host, port=args.port, drop_after=args.drop_after)
+    server = server_class(args.file, host=args.host, port=args.port, drop_after=args.drop_after)
     with server:
-        print(f"serving {server.event_count} events of {args.file} at {server.url}", flush=True)
+        print(f"serving {server.event_count} {unit} of {args.file} at {server.url}", flush=True)
         try:
             threading.Event().wait()
         except KeyboardInterrupt:
             pass
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Serves a file until interrupted."""
+    serve_cli(argv, FakeJetstream, "python -m tools.fake_jetstream", __doc__.split("\n", 1)[0],
+              "Jetstream JSON-lines recording", 6008, "messages")
 
 
 if __name__ == "__main__":

@@ -18,10 +18,8 @@ frames); it records every connection's cursor (`cursors`).
 """
 from __future__ import annotations
 
-import argparse
 import http
 import os
-import threading
 import urllib.parse
 from collections.abc import Mapping, Sequence
 
@@ -31,7 +29,7 @@ from websockets.http11 import Request, Response
 
 from pipeline.sources.streams import compression, open_stream
 from shards.firehose.frames import route_key
-from tools.fake_jetstream import FakeJetstream
+from tools.fake_jetstream import FakeJetstream, serve_cli
 
 __all__ = ["FakeRelay", "read_recording", "error_frame", "info_frame"]
 
@@ -79,6 +77,11 @@ class FakeRelay(FakeJetstream):
         seqs = [s for s, _ in self.frames if s is not None]
         self.first_seq, self.last_seq = (min(seqs), max(seqs)) if seqs else (0, 0)
         self._error_after = dict(error_after or {})
+
+    @property
+    def event_count(self) -> int:
+        """Frames in the recording."""
+        return len(self.frames)
 
     @property
     def url(self) -> str:
@@ -129,21 +132,8 @@ class FakeRelay(FakeJetstream):
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Serves a recording until interrupted."""
-    parser = argparse.ArgumentParser(prog="python -m tools.fake_relay",
-                                     description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--file", required=True, help="firehose recording (plain, gzip or zstd)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
-    parser.add_argument("--port", type=int, default=6009, help="port (6009, 0: any free one)")
-    parser.add_argument("--drop-after", type=int, action="append", default=[], metavar="K",
-                        help="cut the n-th connection after K frames (repeat for later ones)")
-    args = parser.parse_args(argv)
-    server = FakeRelay(args.file, host=args.host, port=args.port, drop_after=args.drop_after)
-    with server:
-        print(f"serving {len(server.frames)} frames of {args.file} at {server.url}", flush=True)
-        try:
-            threading.Event().wait()
-        except KeyboardInterrupt:
-            pass
+    serve_cli(argv, FakeRelay, "python -m tools.fake_relay", __doc__.split("\n", 1)[0],
+              "firehose recording (plain, gzip or zstd)", 6009, "frames")
 
 
 if __name__ == "__main__":
