@@ -72,3 +72,23 @@ def test_bench_replays_the_same_events_as_verified_frames(server_dsn: str, tmp_p
     assert firehose["events_read"] == 2000 and firehose["dead_letters"] == 0
     assert firehose["committed"] == 2000 and firehose["users_created"] == 200
     assert set(report["medians"]) == {"jetstream", "firehose"}
+
+
+def test_bench_runs_each_plc_profile_in_turn_and_compares_with_healthy(
+        server_dsn: str, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tools.bench", "--events", "1000", "--dids", "100", "--runs", "1",
+         "--shards", "2", "--pool-budget", "20", "--profile", "healthy", "--profile", "down",
+         "--dsn", server_dsn, "--data", str(tmp_path / "data"), "--json", str(out)],
+        capture_output=True, text=True, timeout=180, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "run 1/1 PLC healthy:" in proc.stdout and "run 1/1 PLC down:" in proc.stdout
+    report = orjson.loads(out.read_bytes())
+    healthy, down = report["runs"]
+    assert (healthy["profile"], down["profile"]) == ("healthy", "down")
+    assert healthy["users_fallback"] == 0 and down["users_fallback"] == 100
+    share = down["events_per_second"] / healthy["events_per_second"]
+    assert f"PLC down {share:.0%} of healthy's events/s (medians; pairs {share:.0%})" in proc.stdout
+    assert set(report["medians"]) == {"PLC healthy", "PLC down"}

@@ -1,15 +1,16 @@
 """End-to-end benchmark: generate, replay through `pipeline run`, and compare with a raw COPY.
 
-    python -m tools.bench --events 1000000 --dids 100000 --shards 8 --profile healthy
+    python -m tools.bench --events 1000000 --dids 100000 --profile healthy --profile slow
 
 Each run gets a fresh database on the server (the --dsn one, or an embedded PostgreSQL in a
 temporary directory), a PLC stub, a DNS stub and a PDS stub in their own processes (the PLC stub
-in the chosen profile: healthy, slow or down; the DNS stub answers `_atproto.<handle>` TXT for
+in the chosen profile: healthy, slow or down, or each in turn when several are given, slow and
+down then reported as a share of healthy; the DNS stub answers `_atproto.<handle>` TXT for
 every generated handle, and points the 18 PDS host names at the PDS stub, which holds a profile
 for 80% of the authors), and runs `python -m pipeline run --replay ...` as a subprocess, with
 profile fetching on or off (--profiles; `alternate` takes turns, for ratios taken close
-together). Every 0.2 s it samples the pipeline's connections in pg_stat_activity (application_name LIKE 'pipeline%', that
-database only) and the RSS of the supervisor and of each worker process (the peak is the larger
+together). Every 0.2 s it samples the pipeline's connections in pg_stat_activity
+(application_name LIKE 'pipeline%', that database only) and the RSS of the supervisor and of each worker process (the peak is the larger
 of the samples and the kernel's high-water mark, VmHWM). Then, on the same server, it times two
 COPYs: one of as many like-shaped rows as there are events into a plain table without indexes
 (the raw figure), and one of the very rows the run wrote into empty tables shaped like the
@@ -64,6 +65,7 @@ TARGET_SCHEMA_RATIO = 0.25
 TARGET_RSS_MB = 150
 TARGET_FIREHOSE = 0.5  # verified firehose events/s against Jetstream's, same events
 TARGET_PROFILES = 0.9  # events/s with profiles fetched from the PDS stub against without
+TARGET_AGAINST_HEALTHY = {"slow": 0.85, "down": 0.90}  # a PLC profile's events/s against healthy
 MONITOR_APP = "bench-monitor"  # must not match 'pipeline%'
 ISSUE_RE = re.compile(r" (WARNING|ERROR|CRITICAL) |Traceback|Error:|Exception")
 
@@ -647,7 +649,10 @@ def format_line(label: str, f: dict[str, Any], budget: int) -> str:
             f" (ratio {f['schema_ratio']:.2f})")
 
 
-def target_lines(m: dict[str, Any], profile: str, budget: int) -> list[str]:
+def target_lines(m: dict[str, Any], profile: str, budget: int,
+                 healthy_run: bool = False) -> list[str]:
+    """The targets one setting's medians are held to; `healthy_run`: a healthy PLC ran beside
+    it, so slow and down are compared with it after these lines."""
     def mark(ok: bool) -> str:
         return "ok" if ok else "MISSED"
 
@@ -658,11 +663,20 @@ def target_lines(m: dict[str, Any], profile: str, budget: int) -> list[str]:
     if profile == "healthy":
         lines.append(f"  events/s against the schema-shaped COPY {m['schema_ratio']:.2f} >= "
                      f"{TARGET_SCHEMA_RATIO}: {mark(m['schema_ratio'] >= TARGET_SCHEMA_RATIO)}")
-    else:
-        share = 0.85 if profile == "slow" else 0.90
-        lines.append(f"  compare: {profile} should reach >= {share:.0%} of a healthy run's "
-                     "events/s taken close to it")
+    elif not healthy_run:
+        lines.append(f"  compare: {profile} should reach >= {TARGET_AGAINST_HEALTHY[profile]:.0%}"
+                     " of a healthy run's events/s taken close to it (--profile healthy"
+                     f" --profile {profile})")
     return lines
+
+
+def share_line(what: str, against: str, these: list[RunResult], those: list[RunResult],
+               target: float) -> str:
+    """`what` as a share of `those` (medians, and each pair of runs), against its target."""
+    share, pairs = _share(these, those)
+    return (f"  {what} {share:.0%} {against} (medians; pairs "
+            + ", ".join(f"{p:.0%}" for p in pairs) + f") >= {target:.0%}: "
+            + ("ok" if share >= target else "MISSED"))
 
 
 def report_run(r: RunResult, label: str, n_events: int, budget: int) -> None:
@@ -685,10 +699,10 @@ def report_run(r: RunResult, label: str, n_events: int, budget: int) -> None:
                    f"{r.dead_letters:,} (expected {n_events:,} read)")
 
 
-def _variant(fmt: str, fetch: bool, formats: bool, fetches: bool) -> str:
+def _variant(fmt: str, fetch: bool, plc: str, formats: bool, fetches: bool, plcs: bool) -> str:
     """What tells a run's setting apart, when more than one is run: "firehose, profiles on"."""
-    parts = ([fmt] if formats else []) + ([f"profiles {'on' if fetch else 'off'}"] if fetches
-                                          else [])
+    parts = (([fmt] if formats else []) + ([f"profiles {'on' if fetch else 'off'}"] if fetches
+                                           else []) + ([f"PLC {plc}"] if plcs else []))
     return ", ".join(parts)
 
 
@@ -714,8 +728,10 @@ def _raise_interrupt(signum: int, _frame: object) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--shards", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--pool-budget", type=click.IntRange(min=2), default=200, show_default=True)
-@click.option("--profile", type=click.Choice(["healthy", "slow", "down"]), default="healthy",
-              show_default=True, help="PLC stub: a few ms; a fraction of DIDs held 60 s; refused.")
+@click.option("--profile", "plcs", type=click.Choice(["healthy", "slow", "down"]), multiple=True,
+              default=["healthy"], show_default=True,
+              help="PLC stub: a few ms; a fraction of DIDs held 60 s; refused. Repeat it to run "
+                   "each in every round, slow and down reported against healthy.")
 @click.option("--slow-fraction", type=click.FloatRange(0, 1), default=0.1, show_default=True,
               help="With --profile slow: share of DIDs that never answer within 60 s.")
 @click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True,
@@ -740,7 +756,8 @@ def _raise_interrupt(signum: int, _frame: object) -> None:
 @click.option("--pipeline-arg", "extra", multiple=True, metavar="ARG",
               help="Extra argument for `pipeline run` (repeatable), e.g. --pipeline-arg=--batch-size=500.")
 @hot_options
-def main(n_events: int, n_dids: int, seed: int, shards: int, pool_budget: int, profile: str,
+def main(n_events: int, n_dids: int, seed: int, shards: int, pool_budget: int,
+         plcs: tuple[str, ...],
          slow_fraction: float, runs: int, fmt: str, profiles_mode: str, dsn: str | None,
          data_dir: str | None, json_out: str | None, timeout: float,
          extra: tuple[str, ...], hot_posts: int, hot_users: int, hot_share: float,
@@ -769,30 +786,35 @@ def main(n_events: int, n_dids: int, seed: int, shards: int, pool_budget: int, p
         results: list[RunResult] = []
         rows_cache: dict[str, Any] = {}
         fetches = [True, False] if profiles_mode == "alternate" else [profiles_mode == "on"]
-        variants = [(f, p) for p in fetches for f in formats]  # every round runs each in turn
-        names = {v: _variant(*v, len(formats) > 1, len(fetches) > 1) for v in variants}
+        plcs = tuple(dict.fromkeys(plcs))
+        # every round runs each in turn
+        variants = [(f, p, plc) for plc in plcs for p in fetches for f in formats]
+        names = {v: _variant(*v, len(formats) > 1, len(fetches) > 1, len(plcs) > 1)
+                 for v in variants}
         label = {v: f" {name}" if name else "" for v, name in names.items()}
         click.echo(f"bench: {n_events:,} events, {n_dids:,} DIDs, {shards} shards, budget "
-                   f"{pool_budget}, PLC {profile}"
-                   + (f" ({slow_fraction:.0%} hanging)" if profile == "slow" else "")
+                   f"{pool_budget}, PLC {', '.join(plcs)}"
+                   + (f" ({slow_fraction:.0%} hanging)" if "slow" in plcs else "")
                    + (f", {hot_share:.0%} of likes to {hot_posts} posts and of follows to "
                       f"{hot_users} users" if hot_share else "")
                    + (f", {hot_author:.0%} of the events by one author" if hot_author else "")
                    + f", profiles {profiles_mode}, {runs} round(s) of {len(variants)} run(s),"
                    f" {os.cpu_count()} CPUs")
         for i in range(1, runs + 1):
-            for fmt_i, fetch in variants:  # alternated, so that each sees the machine as it is
+            for fmt_i, fetch, plc in variants:  # alternated: each sees the machine as it is
                 r = run_once(i, server_dsn=dsn, files=files, fmt=fmt_i, n_events=n_events,
-                             shards=shards, pool_budget=pool_budget, profile=profile,
+                             shards=shards, pool_budget=pool_budget, profile=plc,
                              slow_fraction=slow_fraction, seed=seed, fetch_profiles=fetch,
-                             log_dir=logs / "-".join((stamp, profile, fmt_i,
+                             log_dir=logs / "-".join((stamp, plc, fmt_i,
                                                       "on" if fetch else "off", str(i))),
                              children=children, rows_cache=rows_cache, timeout=timeout,
                              extra=extra, echo=echo)
                 results.append(r)
-                report_run(r, f"run {i}/{runs}" + label[(fmt_i, fetch)], n_events, pool_budget)
-        groups = {(f, p): [r for r in results if r.format == f and r.fetch_profiles == p]
-                  for f, p in variants}
+                report_run(r, f"run {i}/{runs}" + label[(fmt_i, fetch, plc)], n_events,
+                           pool_budget)
+        groups = {(f, p, plc): [r for r in results if r.format == f and r.fetch_profiles == p
+                                and r.profile == plc]
+                  for f, p, plc in variants}
         m = medians(groups[variants[0]])
         for key, rs in groups.items():
             click.echo(format_line(f"median of {len(rs)}" + label[key], medians(rs), pool_budget))
@@ -800,27 +822,40 @@ def main(n_events: int, n_dids: int, seed: int, shards: int, pool_budget: int, p
         for key, rs in groups.items():
             if names[key]:
                 click.echo(f" {names[key]}:")
-            for line in target_lines(medians(rs), profile, pool_budget):
+            for line in target_lines(medians(rs), key[2], pool_budget, "healthy" in plcs):
                 click.echo(line)
-        for fetch in fetches if len(formats) == 2 else ():
-            share, pairs = _share(groups[("firehose", fetch)], groups[("jetstream", fetch)])
-            click.echo(f"  verified firehose {share:.0%} of Jetstream's events/s"
-                       + (f", profiles {'on' if fetch else 'off'}" if len(fetches) > 1 else "")
-                       + " (medians; runs " + ", ".join(f"{p:.0%}" for p in pairs)
-                       + f") >= {TARGET_FIREHOSE:.0%}: "
-                       + ("ok" if share >= TARGET_FIREHOSE else "MISSED"))
-        for f in formats if len(fetches) == 2 else ():
-            share, pairs = _share(groups[(f, True)], groups[(f, False)])
-            click.echo(f"  with profiles {share:.0%} of the events/s without"
-                       + (f", {f}" if len(formats) > 1 else "")
-                       + " (medians; pairs " + ", ".join(f"{p:.0%}" for p in pairs)
-                       + f") >= {TARGET_PROFILES:.0%}: "
-                       + ("ok" if share >= TARGET_PROFILES else "MISSED"))
+
+        def qualify(f: str, fetch: bool, plc: str, *shown: str) -> str:
+            """The settings, of those `shown`, that tell this comparison from the others."""
+            parts = [f if "format" in shown and len(formats) > 1 else "",
+                     f"profiles {'on' if fetch else 'off'}"
+                     if "fetch" in shown and len(fetches) > 1 else "",
+                     f"PLC {plc}" if "plc" in shown and len(plcs) > 1 else ""]
+            return "".join(f", {p}" for p in parts if p)
+
+        for fetch, plc in dict.fromkeys((p, plc) for _, p, plc in variants):
+            if len(formats) == 2:
+                click.echo(share_line(
+                    "verified firehose", "of Jetstream's events/s"
+                    + qualify("", fetch, plc, "fetch", "plc"), groups[("firehose", fetch, plc)],
+                    groups[("jetstream", fetch, plc)], TARGET_FIREHOSE))
+        for f, plc in dict.fromkeys((f, plc) for f, _, plc in variants):
+            if len(fetches) == 2:
+                click.echo(share_line(
+                    "with profiles", "of the events/s without"
+                    + qualify(f, True, plc, "format", "plc"), groups[(f, True, plc)],
+                    groups[(f, False, plc)], TARGET_PROFILES))
+        for f, fetch, plc in variants:
+            if plc != "healthy" and "healthy" in plcs:
+                click.echo(share_line(
+                    f"PLC {plc}", "of healthy's events/s"
+                    + qualify(f, fetch, plc, "format", "fetch"), groups[(f, fetch, plc)],
+                    groups[(f, fetch, "healthy")], TARGET_AGAINST_HEALTHY[plc]))
         if json_out:
             payload = {
                 "config": {"events": n_events, "dids": n_dids, "seed": seed, "shards": shards,
                            "hot": asdict(hot),
-                           "pool_budget": pool_budget, "profile": profile,
+                           "pool_budget": pool_budget, "profile": list(plcs),
                            "slow_fraction": slow_fraction, "runs": runs, "format": fmt,
                            "profiles": profiles_mode,
                            "cpus": os.cpu_count(), "extra": list(extra)},
