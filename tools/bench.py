@@ -3,22 +3,22 @@
     python -m tools.bench --events 1000000 --dids 100000 --profile healthy --profile slow
 
 Each run gets a fresh database on the server (the --dsn one, or an embedded PostgreSQL in a
-temporary directory), a PLC stub, a DNS stub and a PDS stub in their own processes (the PLC stub
-in the chosen profile: healthy, slow or down, or each in turn when several are given, slow and
-down then reported as a share of healthy; the DNS stub answers `_atproto.<handle>` TXT for
-every generated handle, and points the 18 PDS host names at the PDS stub, which holds a profile
-for 80% of the authors), and runs `python -m pipeline run --replay ...` as a subprocess, with
-profile fetching on or off (--profiles; `alternate` takes turns, for ratios taken close
-together). Every 0.2 s it samples the pipeline's connections in pg_stat_activity
-(application_name LIKE 'pipeline%', that database only) and the RSS of the supervisor and of each worker process (the peak is the larger
-of the samples and the kernel's high-water mark, VmHWM). Then, on the same server, it times two
-COPYs: one of as many like-shaped rows as there are events into a plain table without indexes
+temporary directory), a PLC stub, a DNS stub and a PDS stub in their own processes (the PLC stub in
+the chosen profile: healthy, slow or down, or each in turn when several are given, slow and down
+then reported as a share of healthy; the DNS stub answers `_atproto.<handle>` TXT for every
+generated handle, and points the 18 PDS host names at the PDS stub, which holds a profile for 80%
+of the authors), and runs `python -m pipeline run --replay ...` as a subprocess, with profile
+fetching on or off (--profiles; `alternate` takes turns, for ratios taken close together). Every
+0.2 s it samples the pipeline's connections in pg_stat_activity (application_name LIKE 'pipeline%',
+that database only) and the RSS of the supervisor and of each worker process (the peak is the
+larger of the samples and the kernel's high-water mark, VmHWM). Then, on the same server, it times
+two COPYs: one of as many like-shaped rows as there are events into a plain table without indexes
 (the raw figure), and one of the very rows the run wrote into empty tables shaped like the
 project's, with the same keys and indexes (the fair limit: what the database itself can take of
 this work). It reports the pipeline's events/s against both, and the CPU seconds of each part
-(supervisor, workers, PostgreSQL backends, stubs). `--format firehose` replays the same events
-as signed firehose frames (tools.generate.write_frames), which the shards verify; `--format
-both` alternates the two in each run and reports the firehose's share of Jetstream's events/s.
+(supervisor, workers, PostgreSQL backends, stubs). `--format firehose` replays the same events as
+signed firehose frames (tools.generate.write_frames), which the shards verify; `--format both`
+alternates the two in each run and reports the firehose's share of Jetstream's events/s.
 
 `--hot-posts 5 --hot-share 0.3` sends 30% of the likes to five posts (and `--hot-users`, that share
 of the follows to a few users): what every shard counts at once when a post goes viral.
@@ -757,9 +757,8 @@ def _raise_interrupt(signum: int, _frame: object) -> None:
               help="Extra argument for `pipeline run` (repeatable), e.g. --pipeline-arg=--batch-size=500.")
 @hot_options
 def main(n_events: int, n_dids: int, seed: int, shards: int, pool_budget: int,
-         plcs: tuple[str, ...],
-         slow_fraction: float, runs: int, fmt: str, profiles_mode: str, dsn: str | None,
-         data_dir: str | None, json_out: str | None, timeout: float,
+         plcs: tuple[str, ...], slow_fraction: float, runs: int, fmt: str, profiles_mode: str,
+         dsn: str | None, data_dir: str | None, json_out: str | None, timeout: float,
          extra: tuple[str, ...], hot_posts: int, hot_users: int, hot_share: float,
          hot_author: float) -> None:
     """Benchmark `pipeline run --replay` end to end against a raw COPY on the same server."""
@@ -825,32 +824,31 @@ def main(n_events: int, n_dids: int, seed: int, shards: int, pool_budget: int,
             for line in target_lines(medians(rs), key[2], pool_budget, "healthy" in plcs):
                 click.echo(line)
 
-        def qualify(f: str, fetch: bool, plc: str, *shown: str) -> str:
-            """The settings, of those `shown`, that tell this comparison from the others."""
-            parts = [f if "format" in shown and len(formats) > 1 else "",
-                     f"profiles {'on' if fetch else 'off'}"
-                     if "fetch" in shown and len(fetches) > 1 else "",
-                     f"PLC {plc}" if "plc" in shown and len(plcs) > 1 else ""]
-            return "".join(f", {p}" for p in parts if p)
+        many = (len(formats) > 1, len(fetches) > 1, len(plcs) > 1)
+
+        def but(f: str, fetch: bool, plc: str, compared: int) -> str:
+            """The settings that tell this comparison from the others (the compared one left
+            out: 0 format, 1 profile fetching, 2 PLC), as ", firehose, PLC slow"."""
+            name = _variant(f, fetch, plc, *(m and i != compared for i, m in enumerate(many)))
+            return f", {name}" if name else ""
 
         for fetch, plc in dict.fromkeys((p, plc) for _, p, plc in variants):
             if len(formats) == 2:
                 click.echo(share_line(
-                    "verified firehose", "of Jetstream's events/s"
-                    + qualify("", fetch, plc, "fetch", "plc"), groups[("firehose", fetch, plc)],
-                    groups[("jetstream", fetch, plc)], TARGET_FIREHOSE))
+                    "verified firehose", "of Jetstream's events/s" + but("", fetch, plc, 0),
+                    groups[("firehose", fetch, plc)], groups[("jetstream", fetch, plc)],
+                    TARGET_FIREHOSE))
         for f, plc in dict.fromkeys((f, plc) for f, _, plc in variants):
             if len(fetches) == 2:
                 click.echo(share_line(
-                    "with profiles", "of the events/s without"
-                    + qualify(f, True, plc, "format", "plc"), groups[(f, True, plc)],
-                    groups[(f, False, plc)], TARGET_PROFILES))
+                    "with profiles", "of the events/s without" + but(f, True, plc, 1),
+                    groups[(f, True, plc)], groups[(f, False, plc)], TARGET_PROFILES))
         for f, fetch, plc in variants:
             if plc != "healthy" and "healthy" in plcs:
                 click.echo(share_line(
-                    f"PLC {plc}", "of healthy's events/s"
-                    + qualify(f, fetch, plc, "format", "fetch"), groups[(f, fetch, plc)],
-                    groups[(f, fetch, "healthy")], TARGET_AGAINST_HEALTHY[plc]))
+                    f"PLC {plc}", "of healthy's events/s" + but(f, fetch, plc, 2),
+                    groups[(f, fetch, plc)], groups[(f, fetch, "healthy")],
+                    TARGET_AGAINST_HEALTHY[plc]))
         if json_out:
             payload = {
                 "config": {"events": n_events, "dids": n_dids, "seed": seed, "shards": shards,

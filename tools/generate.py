@@ -460,7 +460,8 @@ def hot_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """--hot-posts, --hot-users, --hot-share and --hot-author, for this command and the
     benchmark."""
     f = click.option("--hot-author", type=click.FloatRange(0, 1), default=0.0, show_default=True,
-                     help="Share of all events given to one author (the first, besides its own).")(f)
+                     help="Share of all events given to one author (the first, besides its "
+                          "own).")(f)
     f = click.option("--hot-share", type=click.FloatRange(0, 1), default=0.0, show_default=True,
                      help="Share of likes that go to a hot post, and of follows to a hot user.")(f)
     f = click.option("--hot-users", type=click.IntRange(min=0), default=0, show_default=True,
