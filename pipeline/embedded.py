@@ -4,6 +4,7 @@ The server's files live in `<data dir>/pg`, where pgserver (the package used bef
 kept them too, so a data dir made by another major version is found there and refused untouched."""
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
@@ -106,6 +107,9 @@ def stop(dsn: str) -> None:
     """Stops the embedded server started with that DSN now rather than when we exit."""
     server, _path = _servers.pop(dsn)
     server.cleanup()  # type: ignore[attr-defined]
+    # The package's exit hook would take its lock again, and so make its lock file anew in the
+    # runtime dir (the data dir's parent, perhaps removed by then).
+    atexit.unregister(server._cleanup)  # type: ignore[attr-defined]
 
 
 def data_dir_of(dsn: str) -> Path | None:

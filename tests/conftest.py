@@ -33,7 +33,11 @@ def server_dsn() -> Iterator[str]:
     from pipeline import embedded
 
     with tempfile.TemporaryDirectory(prefix="pipeline-test-pg-") as d:
-        yield embedded.start(d)
+        dsn = embedded.start(d)
+        try:
+            yield dsn
+        finally:  # before its directory goes: a server left on a removed one lingers a minute
+            embedded.stop(dsn)
 
 
 @contextmanager
