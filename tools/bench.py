@@ -829,22 +829,22 @@ def main(n_events: int, n_dids: int, seed: int, shards: int, pool_budget: int,
         def but(f: str, fetch: bool, plc: str, compared: int) -> str:
             """The settings that tell this comparison from the others (the compared one left
             out: 0 format, 1 profile fetching, 2 PLC), as ", firehose, PLC slow"."""
-            name = _variant(f, fetch, plc, *(m and i != compared for i, m in enumerate(many)))
+            name = _variant(f, fetch, plc, *(several and i != compared
+                                             for i, several in enumerate(many)))
             return f", {name}" if name else ""
 
-        for fetch, plc in dict.fromkeys((p, plc) for _, p, plc in variants):
-            if len(formats) == 2:
-                click.echo(share_line(
-                    "verified firehose", "of Jetstream's events/s" + but("", fetch, plc, 0),
-                    groups[("firehose", fetch, plc)], groups[("jetstream", fetch, plc)],
-                    TARGET_FIREHOSE))
-        for f, plc in dict.fromkeys((f, plc) for f, _, plc in variants):
-            if len(fetches) == 2:
-                click.echo(share_line(
-                    "with profiles", "of the events/s without" + but(f, True, plc, 1),
-                    groups[(f, True, plc)], groups[(f, False, plc)], TARGET_PROFILES))
-        for f, fetch, plc in variants:
-            if plc != "healthy" and "healthy" in plcs:
+        for fetch, plc in dict.fromkeys((p, plc) for _, p, plc in variants
+                                        if len(formats) == 2):
+            click.echo(share_line(
+                "verified firehose", "of Jetstream's events/s" + but("", fetch, plc, 0),
+                groups[("firehose", fetch, plc)], groups[("jetstream", fetch, plc)],
+                TARGET_FIREHOSE))
+        for f, plc in dict.fromkeys((f, plc) for f, _, plc in variants if len(fetches) == 2):
+            click.echo(share_line(
+                "with profiles", "of the events/s without" + but(f, True, plc, 1),
+                groups[(f, True, plc)], groups[(f, False, plc)], TARGET_PROFILES))
+        for f, fetch, plc in variants if "healthy" in plcs else ():
+            if plc != "healthy":
                 click.echo(share_line(
                     f"PLC {plc}", "of healthy's events/s" + but(f, fetch, plc, 2),
                     groups[(f, fetch, plc)], groups[(f, fetch, "healthy")],

@@ -33,6 +33,7 @@ COLUMNS = {
     "records": ("uri", "cid", "author_did", "collection", "record"),
 }
 USER_COLUMNS = ("did", "handle", "incomplete", "handle_verified", "pds", "resolve_error")
+TABLE_COLUMNS = {**COLUMNS, "users": USER_COLUMNS}  # what a transaction COPYs, per table
 # The PostgreSQL types of those columns, in order: rows are COPYed in binary format.
 TYPES = {
     "posts": ("text",) * 6 + ("text[]", "jsonb", "timestamptz"),
@@ -171,7 +172,7 @@ MERGE = {
            + (" ON CONFLICT (did) DO NOTHING" if table == "users" else
               " ON CONFLICT (uri) DO UPDATE SET "
               + ", ".join(f"{c} = EXCLUDED.{c}" for c in cols[1:]))
-    for table, cols in {**COLUMNS, "users": USER_COLUMNS}.items()
+    for table, cols in TABLE_COLUMNS.items()
 }
 
 
@@ -195,11 +196,12 @@ def prepare_connection(conn: psycopg.Connection) -> None:
     conn.commit()
 
 
-def _copy(cur: psycopg.Cursor, table: str, kind: str, rows: Any) -> None:
-    """COPY in binary format (a third of the client's CPU of text format per row)."""
-    columns = USER_COLUMNS if kind == "users" else COLUMNS[kind]
-    with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)") as copy:
-        copy.set_types(TYPES[kind])
+def _copy(cur: psycopg.Cursor, target: str, table: str, rows: Any) -> None:
+    """COPYs rows shaped like `table`'s into `target` (the table or its staging table), in
+    binary format: half the client's CPU of text format per row."""
+    columns = ", ".join(TABLE_COLUMNS[table])
+    with cur.copy(f"COPY {target} ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
+        copy.set_types(TYPES[table])
         for row in rows:
             copy.write_row(row)
 
